@@ -1,0 +1,40 @@
+# sf2dist: `make test` and (from the training issue on) `make demo` do all the set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only machine gets its torch when no local CPU wheel is found.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: install torch test bench-data clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
+	$(PY) -m pip install -q -e ".[deepspeed,dev]"
+	touch $@
+
+# With CUDA present, the user's own CUDA build (or PyPI's default one); without, only a CPU
+# build: a "+cpu" wheel if pip can find one, else the CPU index. Never a multi-GB CUDA build.
+torch:
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA found: installing torch from the default index"; \
+	  $(PY) -m pip install -q "torch>=2.1"; \
+	else \
+	  echo "No CUDA: installing the CPU build of torch $(TORCH_VERSION)"; \
+	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	    || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	fi
+
+test: install
+	$(PY) -m pytest -q
+
+# Decode + augment throughput of the loader, per core; writes docs/benchmarks.md.
+bench-data: install
+	$(PY) launch/bench_data.py --out docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
