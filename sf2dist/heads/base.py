@@ -1,0 +1,137 @@
+"""What every identity-sharded classifier shares: its class shard, its rows, and the gathered batch.
+
+Gradient convention (one for the whole package, pinned by tests/test_gradient_contract.py):
+a head's loss is the mean over the *global* batch (all ranks' samples). The backbone runs
+under a data-parallel wrapper (DDP or DeepSpeed) that *averages* its gradients over the W
+ranks, so the gradient handed back to each rank's embeddings is W times dL/de. After the
+wrapper's average, every rank holds exactly dL/dtheta of the global batch, the same as one
+process computing the whole batch. Head parameters are never averaged: each rank's rows get
+their exact gradient locally. Pass `backbone_grads_averaged=False` to a head when whatever
+consumes the embeddings sums gradients over ranks instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sf2dist import comm
+from sf2dist.parallel import class_range
+
+# Rows are initialised in fixed blocks of global classes, each from its own seeded generator,
+# so the initial weights of class i do not depend on how many ranks share the classes.
+_INIT_BLOCK = 4096
+
+
+def init_class_rows(start: int, stop: int, embedding_dim: int, seed: int) -> torch.Tensor:
+    """Unit-norm Gaussian rows for global classes [start, stop), identical for any sharding."""
+    rows = []
+    for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(_INIT_BLOCK, embedding_dim, generator=generator)
+        lo = max(start, block * _INIT_BLOCK) - block * _INIT_BLOCK
+        hi = min(stop, (block + 1) * _INIT_BLOCK) - block * _INIT_BLOCK
+        rows.append(values[lo:hi])
+    return F.normalize(torch.cat(rows), dim=1)
+
+
+def upcast(cos: torch.Tensor) -> torch.Tensor:
+    """Cosines from a bf16/fp16 matmul in float32: the loss math never runs in half precision."""
+    return cos.float() if cos.dtype in (torch.float16, torch.bfloat16) else cos
+
+
+class ShardedHead(nn.Module):
+    """Base of the heads: rows for global classes [class_start, class_stop) of this rank."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_dim: int,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        backbone_grads_averaged: bool = True,
+        check_inputs: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+        self.process_group = process_group
+        self.rank, self.world_size = comm.rank_and_world(process_group)
+        self.num_classes = num_classes
+        self.embedding_dim = embedding_dim
+        self.class_start, self.class_stop = class_range(num_classes, self.rank, self.world_size)
+        self.num_local_classes = self.class_stop - self.class_start
+        self.backbone_grads_averaged = backbone_grads_averaged
+        self.check_inputs = check_inputs
+        self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed))
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"classes=[{self.class_start}, {self.class_stop}) on rank {self.rank}/{self.world_size}"
+        )
+
+    def gather_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Check this rank's batch and gather every rank's: ([N, D] with grad, [N] int64, sizes)."""
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_dim:
+            raise ValueError(
+                f"embeddings on rank {self.rank} have shape {tuple(embeddings.shape)}; "
+                f"this head expects [batch, {self.embedding_dim}]"
+            )
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise ValueError(
+                f"labels on rank {self.rank} have dtype {labels.dtype}; identity labels must be an "
+                "integer tensor (int64: float32 cannot hold ids above 2^24 exactly)"
+            )
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(
+                f"labels on rank {self.rank} have shape {tuple(labels.shape)}; expected "
+                f"[{embeddings.shape[0]}], one per embedding"
+            )
+        sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device, self.process_group)
+        grad_scale = float(self.world_size) if self.backbone_grads_averaged else 1.0
+        gathered = comm.all_gather_with_grad(embeddings, sizes, self.process_group, grad_scale)
+        gathered_labels = comm.all_gather(labels.to(torch.int64), sizes, self.process_group)
+        if self.check_inputs:
+            # Every rank checks the same gathered batch, so every rank raises together.
+            self._check_gathered(gathered, gathered_labels, sizes)
+        return gathered, gathered_labels, sizes
+
+    def _check_gathered(self, embeddings: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> None:
+        if sum(sizes) == 0:
+            raise ValueError("the global batch is empty: every rank passed 0 embeddings")
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad_label.any()):
+            row = int(bad_label.nonzero()[0, 0])
+            rank, index = _locate(row, sizes)
+            raise ValueError(
+                f"label {int(labels[row])} at batch index {index} on rank {rank} is outside "
+                f"[0, {self.num_classes}) (num_classes={self.num_classes})"
+            )
+        finite_rows = torch.isfinite(embeddings.detach()).all(dim=1)
+        if not bool(finite_rows.all()):
+            row = int((~finite_rows).nonzero()[0, 0])
+            rank, index = _locate(row, sizes)
+            raise ValueError(f"embedding at batch index {index} on rank {rank} is not finite (NaN or Inf)")
+
+    def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of the whole global batch, for logging (detached; same value on every rank)."""
+        return loss.detach()
+
+    def full_weight(self) -> torch.Tensor:
+        """Every rank's rows concatenated in class order (for tests and small models only)."""
+        sizes = [class_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]
+        return comm.all_gather(self.weight.detach(), [stop - start for start, stop in sizes], self.process_group)
+
+
+def _locate(row: int, sizes: list[int]) -> tuple[int, int]:
+    """(rank, index within that rank's batch) of a row of the gathered batch."""
+    for rank, size in enumerate(sizes):
+        if row < size:
+            return rank, row
+        row -= size
+    raise AssertionError("row outside the gathered batch")

@@ -1,0 +1,45 @@
+"""Single-process dense references for the sharded heads, written from DESIGN.md's formulas.
+
+Straightforward autograd over the full [N, C] cosine matrix, independent of the heads'
+code paths; the heads are tested against these on 1, 2 and 3 ranks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _g(x: torch.Tensor, t: float) -> torch.Tensor:
+    return 2.0 * ((x + 1.0) / 2.0) ** t - 1.0
+
+
+def sphereface2_loss(embeddings, labels, weight, bias, *, alpha, r, m, t, margin, loss_weight):
+    """L = lw * mean_n (1/r)[alpha softplus(-z_y) + (1 - alpha) sum_{i != y} softplus(z_i)]."""
+    cos = F.normalize(embeddings, dim=1) @ weight.t()  # [N, C]; weight rows are unit-norm
+    one_hot = F.one_hot(labels, weight.shape[0]).to(cos.dtype)
+    with torch.no_grad():
+        if margin == "C":
+            target = _g(cos, t) - m * (2.0 * one_hot - 1.0)
+        else:
+            theta = torch.acos(cos.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
+            theta_m = theta + m * one_hot if margin == "A" else theta * (1.0 + (m - 1.0) * one_hot)
+            target = torch.where(one_hot.bool(), _g(torch.cos(theta_m.clamp(0.0, math.pi)), t), _g(cos, t))
+        detached = r * target - r * cos
+    z = r * cos + detached + bias
+    per_class = one_hot * alpha * F.softplus(-z) + (1.0 - one_hot) * (1.0 - alpha) * F.softplus(z)
+    return loss_weight * (per_class.sum(dim=1) / r).mean()
+
+
+def margin_softmax_loss(embeddings, labels, weight, *, margin, s, m):
+    """Cross entropy of s * (cos + margin term), margin applied to the target with detachment."""
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).t()  # [N, C]
+    one_hot = F.one_hot(labels, weight.shape[0]).bool()
+    with torch.no_grad():
+        if margin == "cosface":
+            target = cos - m
+        else:
+            target = torch.cos((torch.acos(cos.clamp(-1.0 + 1e-6, 1.0 - 1e-6)) + m).clamp(max=math.pi))
+        shift = torch.where(one_hot, target - cos, torch.zeros_like(cos))
+    return F.cross_entropy(s * (cos + shift), labels)
