@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets its torch when no local CPU wheel is found.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install torch test bench-data clean
+.PHONY: install torch test bench-data scaling-bench clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test: install
 # Decode + augment throughput of the loader, per core; writes docs/benchmarks.md.
 bench-data: install
 	$(PY) launch/bench_data.py --out docs/benchmarks.md
+
+# Classifier-layer images/s against world size, SphereFace2 beside the softmax baselines;
+# writes runs/scaling-bench/ (CSV, JSON, PNG) and the table into docs/benchmarks.md.
+scaling-bench: install
+	$(PY) launch/scaling_bench.py --docs docs/benchmarks.md $(SCALING_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

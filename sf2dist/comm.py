@@ -182,3 +182,9 @@ def all_gather_variable(tensor: torch.Tensor, group: dist.ProcessGroup | None = 
     """Concatenate along dim 0 tensors whose first dimension may differ per rank (no autograd)."""
     sizes = batch_sizes(tensor.shape[0], tensor.device, group)
     return all_gather(tensor, sizes, group)
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """Wait for every rank (benchmarks align their timed steps with it); not recorded."""
+    if rank_and_world(group)[1] > 1:
+        dist.barrier(group=group)

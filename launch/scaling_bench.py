@@ -1,0 +1,196 @@
+"""`make scaling-bench`: images/s of the classifier layer against world size, SphereFace2
+beside the softmax baseline and Partial FC, measured in the same run at the same shapes.
+
+Three ways to run it:
+  python launch/scaling_bench.py [--world-sizes 1,2] ...   spawns the ranks itself for each
+      world size on this machine (GPUs with NCCL where there are enough, else CPU with gloo);
+  torchrun ... launch/scaling_bench.py --out-dir DIR        measures at torchrun's world size
+      and writes DIR/points-w<W>.json (what launch/slurm/scaling_bench.sbatch runs per node count);
+  python launch/scaling_bench.py --collect DIR              turns those point files into the outputs.
+`--project` adds points up to --max-world from per-rank compute measured here at each shard
+size C/W and a latency/bandwidth model of the collectives (labelled "projected" everywhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from sf2dist import parallel
+from sf2dist.bench import scaling
+from sf2dist.report import machine_description, write_section
+
+CPU_DEFAULT_CLASSES = 100_000
+FULL_CLASSES = 1_000_000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help=f"identities in total (default {FULL_CLASSES:,} on GPUs, {CPU_DEFAULT_CLASSES:,} on CPU)")
+    p.add_argument("--full", action="store_true", help=f"use {FULL_CLASSES:,} identities on CPU too (slow)")
+    p.add_argument("--embedding-dim", type=int, default=512)
+    p.add_argument("--batch-per-rank", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--methods", default=",".join(scaling.METHODS), help="comma-separated: " + ", ".join(scaling.METHODS))
+    p.add_argument("--world-sizes", default=None, help="comma-separated (default: 1, 2, 4, ... up to the GPUs or cores here)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--quick", action="store_true", help="tiny shapes for a smoke test (2,000 classes, 32-d, 16 images/rank)")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/scaling-bench"))
+    p.add_argument("--docs", type=Path, default=None, help="write the table into this markdown file (docs/benchmarks.md)")
+    p.add_argument("--collect", type=Path, default=None, help="build the outputs from DIR/points-w*.json")
+    p.add_argument("--project", action="store_true", help="add projected points up to --max-world")
+    p.add_argument("--max-world", type=int, default=64)
+    p.add_argument("--ranks-per-node", type=int, default=8, help="projection: ranks sharing the intra-node link")
+    p.add_argument("--intra-gbs", type=float, default=None, help="projection: intra-node bandwidth per rank, GB/s (e.g. NVLink)")
+    p.add_argument("--intra-latency-us", type=float, default=None)
+    p.add_argument("--inter-gbs", type=float, default=None, help="projection: inter-node bandwidth per rank, GB/s (e.g. InfiniBand)")
+    p.add_argument("--inter-latency-us", type=float, default=None)
+    args = p.parse_args(argv)
+    if args.project and None in (args.intra_gbs, args.intra_latency_us, args.inter_gbs, args.inter_latency_us):
+        p.error("--project needs the link parameters: --intra-gbs, --intra-latency-us, --inter-gbs, --inter-latency-us")
+    return args
+
+
+def settings_from(args, device: torch.device) -> scaling.BenchSettings:
+    if args.quick:
+        return scaling.BenchSettings(num_classes=args.num_classes or 2000, embedding_dim=32, batch_per_rank=16,
+                                     warmup=1, steps=3)
+    classes = args.num_classes or (FULL_CLASSES if device.type == "cuda" or args.full else CPU_DEFAULT_CLASSES)
+    return scaling.BenchSettings(classes, args.embedding_dim, args.batch_per_rank, args.warmup, args.steps)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    return torch.device(choice)
+
+
+def default_world_sizes(device: torch.device) -> list[int]:
+    available = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    sizes, w = [], 1
+    while w <= available:
+        sizes.append(w)
+        w *= 2
+    return sizes
+
+
+def _point_worker(rank: int, world: int, port: int, method: str, settings, device_type: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    _, device = parallel.init_distributed(device_type)
+    try:
+        point = scaling.measure_point(method, settings, device)
+        if rank == 0:
+            Path(out).write_text(json.dumps(point))
+    finally:
+        parallel.shutdown()
+
+
+def spawn_point(method: str, settings, world: int, device: torch.device) -> dict:
+    """Measure one point in `world` fresh processes (fresh, so the peak memory is the point's own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "point.json"
+        mp.start_processes(_point_worker, args=(world, port, method, settings, device.type, str(out)),
+                           nprocs=world, start_method="spawn")
+        return json.loads(out.read_text())
+
+
+def report(points: list[dict], settings, args, note: str) -> None:
+    paths = scaling.write_outputs(points, args.out_dir, settings, note)
+    print(scaling.markdown_table(points))
+    for (world, kind), ratio in sorted(scaling.throughput_ratios(points).items()):
+        print(f"SphereFace2 / softmax images/s at W={world} ({kind}): {ratio:.2f}x")
+    print(note)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.docs is not None:
+        png = args.docs.parent / "scaling.png"
+        if png.resolve() != Path(paths["png"]).resolve():
+            shutil.copyfile(paths["png"], png)
+        ratios = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x"
+                           for (w, kind), r in sorted(scaling.throughput_ratios(points).items()))
+        write_section(args.docs, "scaling", "\n\n".join([
+            "## Classifier-layer scaling (`make scaling-bench`)",
+            note, scaling.markdown_table(points),
+            f"SphereFace2 / softmax images/s: {ratios}.", f"![scaling]({png.name})",
+        ]))
+        print(f"wrote {args.docs} and {png}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
+        scaling.sample_rate_of(method)  # a typo fails here, before any process starts
+    if args.collect is not None:
+        files = sorted(args.collect.glob("points-w*.json"))
+        if not files:
+            raise SystemExit(f"--collect {args.collect}: no points-w*.json files there")
+        runs = [json.loads(f.read_text()) for f in files]
+        settings = scaling.BenchSettings(**runs[0]["settings"])
+        points = [p for run in runs for p in run["points"]]
+        report(points, settings, args, f"Collected from {len(files)} multi-node runs in {args.collect}.")
+        return
+    device = pick_device(args.device)
+    settings = settings_from(args, device)
+    if "WORLD_SIZE" in os.environ:  # under torchrun: measure this world size only
+        info, device = parallel.init_distributed(device.type)
+        try:
+            points = [scaling.measure_point(method, settings, device) for method in methods]
+        finally:
+            parallel.shutdown()
+        if info.is_main:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            out = args.out_dir / f"points-w{info.world_size}.json"
+            out.write_text(json.dumps({"settings": settings.__dict__, "points": points}, indent=2))
+            print(f"wrote {out}")
+        return
+    world_sizes = [int(w) for w in args.world_sizes.split(",")] if args.world_sizes else default_world_sizes(device)
+    if device.type == "cuda" and max(world_sizes) > torch.cuda.device_count():
+        raise SystemExit(f"--world-sizes {max(world_sizes)} exceeds the {torch.cuda.device_count()} GPU(s) here")
+    points = []
+    for world in world_sizes:
+        for method in methods:
+            point = spawn_point(method, settings, world, device)
+            print(f"measured {method} W={world}: {point['step_ms']:.1f} ms/step, {point['images_per_s']:,.0f} images/s",
+                  flush=True)
+            points.append(point)
+    if args.project:
+        intra = scaling.Link(args.intra_gbs, args.intra_latency_us)
+        inter = scaling.Link(args.inter_gbs, args.inter_latency_us)
+        world = 1
+        while world <= args.max_world:
+            for method in methods:
+                compute = scaling.measure_compute(method, settings, world, device)
+                points.append(scaling.project(method, settings, world, compute, intra, inter, args.ranks_per_node))
+            print(f"projected W={world}", flush=True)
+            world *= 2
+    scaled = "" if settings.num_classes >= FULL_CLASSES else (
+        f" Scaled down from the paper's 1M identities to {settings.num_classes:,} so that it runs in minutes here;"
+        " `--full` runs 1M.")
+    note = (f"Measured on {machine_description()}; {points[0]['device']} per rank, backend "
+            f"{'nccl' if device.type == 'cuda' else 'gloo'} for W>1; {settings.num_classes:,} identities, "
+            f"{settings.embedding_dim}-d, {settings.batch_per_rank} images per rank, median of {settings.steps} steps "
+            f"after {settings.warmup} warm-up.{scaled}")
+    if args.project:
+        note += (f" Projected points: compute measured here at each shard size, plus a ring model of each collective "
+                 f"with {args.intra_gbs} GB/s / {args.intra_latency_us} us within {args.ranks_per_node} ranks and "
+                 f"{args.inter_gbs} GB/s / {args.inter_latency_us} us beyond (given on the command line).")
+    report(points, settings, args, note)
+
+
+if __name__ == "__main__":
+    main()

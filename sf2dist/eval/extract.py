@@ -1,0 +1,95 @@
+"""Embeddings of a sequence of face images, with flip-test fusion, optionally across ranks.
+
+The embedding of an image is backbone(image) + backbone(horizontally flipped image)
+(DESIGN.md). Pixels are prepared by `sf2dist.imageio.to_tensor`, as in training. With a
+process group, rank r embeds the contiguous slice of images given by the shard arithmetic
+of `sf2dist.parallel.class_range`, and `sf2dist.comm.all_gather_variable` concatenates the
+slices, so every rank returns every embedding, in input order.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sf2dist import comm
+from sf2dist.imageio import to_tensor
+from sf2dist.parallel import class_range
+
+
+class _ImageTensors(Dataset):
+    """images[start:stop] as normalised float tensors [3, H, W]."""
+
+    def __init__(self, images: Sequence[np.ndarray], start: int, stop: int) -> None:
+        self.images, self.start, self.stop = images, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return to_tensor(np.asarray(self.images[self.start + index]))
+
+
+def image_slice(num_images: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The images [start, stop) that `rank` embeds: contiguous, sizes differ by at most one."""
+    if num_images < world_size:
+        raise ValueError(f"cannot split {num_images} images over {world_size} ranks; use fewer ranks")
+    return class_range(num_images, rank, world_size)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def extract_embeddings(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    batch_size: int = 128,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Embed `images` (a sequence of RGB uint8 [H, W, 3], e.g. an array [N, H, W, 3]).
+
+    Returns float32 [N, dim] on every rank. `flip=True` fuses each image with its mirror
+    image by summing the two embeddings. `device` defaults to the model's. The model is run
+    in eval mode and left in the mode it was given in. Pass the bare backbone, not a DDP
+    wrapper. Under a process group every rank of `group` must call this with the same images.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rank, world_size = comm.rank_and_world(group)
+    start, stop = image_slice(len(images), rank, world_size)
+    device = torch.device(device) if device is not None else _model_device(model)
+    loader = DataLoader(
+        _ImageTensors(images, start, stop),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    chunks = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                batch = batch.to(device, non_blocking=True)  # [b, 3, H, W]
+                inputs = torch.cat([batch, batch.flip(3)]) if flip else batch
+                outputs = model(inputs)
+                if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != len(inputs):
+                    shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+                    raise ValueError(f"the model must map [b, 3, H, W] to embeddings [b, dim]; it returned {shape}")
+                if flip:
+                    outputs = outputs[: len(batch)] + outputs[len(batch) :]
+                chunks.append(outputs.float())
+            local = torch.cat(chunks)  # [stop - start, dim]
+            return comm.all_gather_variable(local, group).cpu().numpy()
+    finally:
+        model.train(was_training)
