@@ -1,0 +1,402 @@
+"""The typed training configuration: dataclasses, YAML composition, `--set` overrides, checks.
+
+A run is described by YAML files composed in order (later files win, mappings merge deeply,
+lists are replaced) and then by `section.key=value` overrides from the command line. Every
+value is checked against its field's type and choices as it arrives, so an error names the
+dotted key and the file (or `--set`) it came from; `validate` then checks the combinations.
+This module does not import torch: reading a config must be cheap and must work anywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Margin names of each head (kept here rather than imported: the heads import torch).
+MARGINS = {"sphereface2": ("C", "A", "M"), "partial_fc": ("cosface", "arcface")}
+
+
+class ConfigError(ValueError):
+    """A config value, file or override that cannot be used; the message says which and where."""
+
+
+def _choices(*values: Any) -> dict[str, tuple[Any, ...]]:
+    return {"choices": values}
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: config.yaml, metrics.csv, checkpoints/, plots
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; when set, training stops there (may cut an epoch)
+    log_every: int = 10  # steps between metric rows / progress-bar updates
+    eval_every: int = 0  # steps between verification evals; 0 = only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from the run dir's newest checkpoint if there is one
+    timeout_s: int = 1800  # collective time-out
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard directory (with manifest.json); required by the trainer
+    num_classes: int | None = None  # if set, must match the manifest
+    batch_size: int = 128  # images per rank per micro-batch
+    num_workers: int = 4
+    label_noise: float = 0.0  # in [0, 1)
+    flip: bool = True
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "iresnet50"
+    embedding_dim: int = 512
+    kwargs: dict = field(default_factory=dict)  # extra backbone constructor arguments
+
+
+@dataclass
+class HeadConfig:
+    type: str = field(default="sphereface2", metadata=_choices("sphereface2", "partial_fc"))
+    margin: str | None = None  # sphereface2: C|A|M (default C); partial_fc: cosface|arcface (default cosface)
+    m: float | None = None  # None = the head's default
+    alpha: float = 0.7  # sphereface2 lambda
+    r: float = 40.0
+    t: float = 3.0
+    loss_weight: float = 10.0
+    s: float = 64.0  # partial_fc scale
+    sample_rate: float = 1.0  # in (0, 1]
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="sgd", metadata=_choices("sgd", "adamw"))
+    lr: float = 0.1
+    head_lr: float | None = None  # None = lr
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    schedule: str = field(default="poly", metadata=_choices("poly", "step", "constant"))
+    power: float = 2.0  # poly decay exponent
+    milestones: list[int] = field(default_factory=list)  # step decay points (optimizer steps)
+    gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    accumulation_steps: int = 1
+
+
+@dataclass
+class EngineConfig:
+    type: str = field(default="ddp", metadata=_choices("ddp", "deepspeed"))
+    zero_stage: int = field(default=1, metadata=_choices(1, 2))  # deepspeed only
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=list)  # verification pair files (.bin)
+    batch_size: int = 256
+    flip: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))
+    wandb_project: str = "sf2dist"
+    wandb_entity: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+# section -> key -> (type, field); resolved once because the annotations are strings.
+_FIELDS: dict[str, dict[str, tuple[Any, dataclasses.Field]]] = {
+    name: {f.name: (typing.get_type_hints(cls)[f.name], f) for f in dataclasses.fields(cls)}
+    for name, cls in SECTIONS.items()
+}
+# Exponent notation that YAML 1.1 (PyYAML) leaves a string: "1e-3", "5.0e4" (it wants "1.0e-3").
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml11_float(value: Any) -> Any:
+    """`value` as a float if it is exponent notation that YAML parsed as a string, else unchanged."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+
+
+def _describe(tp: Any) -> str:
+    """Type as a user reads it: 'int', 'float or null', 'list of str', 'mapping'."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list of {_describe(args[0])}"
+    return "mapping" if tp is dict else tp.__name__
+
+
+def _got(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str, expected: str | None = None) -> Any:
+    """`value` converted to `tp` where that is lossless (int -> float, '1e-3' -> float), else ConfigError.
+
+    Exponent notation also becomes a float inside mapping fields (model.kwargs), whose value
+    types are unknown here; quoted plain text ('0.1') stays text and is not a float.
+    """
+    def fail() -> ConfigError:
+        return ConfigError(f"{key}: expected {expected or _describe(tp)}, got {_got(value)} (from {source})")
+
+    if isinstance(tp, types.UnionType):  # only `X | None` occurs
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_value(value, inner, key, source, _describe(tp))
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise fail()
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(item, item_tp, f"{key}[{i}]", source) for i, item in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{key}: keys must be strings, got {_got(bad[0])} (from {source})")
+        return {k: _yaml11_float(v) for k, v in value.items()}
+    if tp is float:
+        value = _yaml11_float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r} (from {source})")
+        return float(value)
+    if tp is int and isinstance(value, bool):  # bool is an int subclass, never a count
+        raise fail()
+    if not isinstance(value, tp):
+        raise fail()
+    return value
+
+
+def _check_layer(layer: Mapping, source: str) -> dict[str, dict[str, Any]]:
+    """One file's (or override's) sections checked key by key; values converted to field types."""
+    checked: dict[str, dict[str, Any]] = {}
+    for section, values in layer.items():
+        if section not in _FIELDS:
+            raise ConfigError(f"unknown section {section!r} in {source}; "
+                              f"{_suggest(str(section), [*_FIELDS, 'include'])}")
+        if values is None:  # a section whose keys are all commented out
+            continue
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {_got(values)} (from {source})")
+        fields = _FIELDS[section]
+        checked[section] = {}
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in fields:
+                raise ConfigError(f"unknown key {dotted!r} in {source}; "
+                                  f"{_suggest(dotted, [f'{section}.{k}' for k in fields])}")
+            tp, f = fields[key]
+            value = _check_value(value, tp, dotted, source)
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{dotted}: {value!r} is not one of {', '.join(map(repr, choices))} (from {source})")
+            checked[section][key] = value
+    return checked
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    """Deep merge: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
+    """(mapping, source) for each file in the order they apply: a file's includes, then itself."""
+    resolved = path.resolve()
+    if resolved in stack:
+        chain = " -> ".join(str(p) for p in (*stack, resolved))
+        raise ConfigError(f"{path}: include cycle: {chain}")
+    included_from = f" (included from {stack[-1]})" if stack else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}{included_from}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}{included_from}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = {} if data is None else data
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {type(data).__name__}")
+    data = dict(data)
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(p, str) for p in includes):
+        raise ConfigError(f"include: expected a path or a list of paths, got {_got(includes)} (from {path})")
+    layers: list[tuple[dict, str]] = []
+    for include in includes:
+        layers += _read_layers(path.parent / include, (*stack, resolved))
+    return layers + [(data, str(path))]
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key[.subkey...]=value' -> (path, value); value parsed as YAML."""
+    source = f"--set {text}"
+    dotted, sep, raw = text.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"malformed override {text!r} (from --set): expected section.key=value, "
+                          f"e.g. optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{dotted}: value {raw!r} is not valid YAML (from {source}): {exc}") from None
+    field_tp = _FIELDS.get(parts[0], {}).get(parts[1], (None,))[0]
+    scalar = isinstance(value, (bool, int, float)) or (value is None and field_tp is str)
+    if len(parts) == 2 and field_tp in (str, str | None) and scalar:
+        # `run.dir=2024`, `data.train=on` or `data.train=` mean the text, not a YAML number, bool or null.
+        value = raw.strip()
+    return parts, value
+
+
+def _set_nested(mapping: dict, keys: list[str], value: Any) -> dict:
+    """A copy of `mapping` with mapping[k0][k1]... = value, creating inner mappings as needed."""
+    updated = dict(mapping)
+    head, *rest = keys
+    inner = updated.get(head)
+    updated[head] = _set_nested(inner if isinstance(inner, dict) else {}, rest, value) if rest else value
+    return updated
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then each YAML file in order, then each `section.key=value` override; validated.
+
+    An override of a nested key (`model.kwargs.dropout=0.1`) sets that one entry; an override
+    of a field (`model.kwargs={}`) replaces the whole value.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    for path in paths:
+        for layer, source in _read_layers(Path(path)):
+            for section, values in _check_layer(layer, source).items():
+                merged[section] = _merge(merged.get(section, {}), values)
+                sources.update({f"{section}.{key}": source for key in values})
+    for text in overrides:
+        source = f"--set {text}"
+        (section, key, *subkeys), value = _parse_override(text)
+        if subkeys and key in _FIELDS.get(section, {}):
+            current = merged.get(section, {}).get(key, getattr(SECTIONS[section](), key))
+            if not isinstance(current, dict):
+                raise ConfigError(f"{section}.{key} is not a mapping, so {'.'.join([section, key, *subkeys])} "
+                                  f"cannot be set (from {source})")
+            value = _set_nested(current, subkeys, value)
+        checked = _check_layer({section: {key: value}}, source)
+        merged.setdefault(section, {})[key] = checked[section][key]  # replaced, not merged
+        sources[f"{section}.{key}"] = source
+    cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
+    validate(cfg, sources)
+    return cfg
+
+
+def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
+    """Checks that span fields or ranges that types cannot express; raises ConfigError.
+
+    `sources` maps dotted keys to where they were set (load_config passes it) so that the
+    message can say which file or override to fix. `data.train` is not required here: the
+    trainer checks it, so a config without it can still be loaded, saved and inspected.
+    """
+    sources = sources or {}
+
+    def fail(key: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{key}: {problem} (from {sources.get(key, 'the default')})")
+
+    def value(key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    # None (where a field allows it) means "not set" and is always fine here.
+    for key in ("run.epochs", "run.max_steps", "run.log_every", "run.keep_checkpoints", "run.timeout_s",
+                "run.max_bad_steps", "data.num_classes", "data.batch_size", "model.embedding_dim",
+                "optim.accumulation_steps", "eval.batch_size"):
+        if value(key) is not None and value(key) < 1:
+            fail(key, f"must be at least 1, got {value(key)}")
+    for key in ("run.eval_every", "run.checkpoint_every", "data.num_workers", "optim.warmup_steps",
+                "optim.weight_decay"):
+        if value(key) < 0:
+            fail(key, f"must not be negative, got {value(key)}")
+    for key in ("optim.lr", "optim.head_lr", "optim.power", "optim.gamma", "optim.clip_grad_norm"):
+        if value(key) is not None and value(key) <= 0:
+            fail(key, f"must be positive, got {value(key)}")
+
+    if "embedding_dim" in cfg.model.kwargs:
+        fail("model.kwargs", "must not hold embedding_dim; set model.embedding_dim instead")
+    if not 0.0 <= cfg.data.label_noise < 1.0:
+        fail("data.label_noise", f"must be in [0, 1), got {cfg.data.label_noise}")
+    if not 0.0 < cfg.head.sample_rate <= 1.0:
+        fail("head.sample_rate", f"must be in (0, 1], got {cfg.head.sample_rate}")
+    if cfg.head.type == "sphereface2" and cfg.head.sample_rate != 1.0:
+        fail("head.sample_rate", f"class sampling is not supported for head.type sphereface2 yet; "
+                                 f"use 1.0 (got {cfg.head.sample_rate})")
+    margins = MARGINS[cfg.head.type]
+    if cfg.head.margin is not None and cfg.head.margin not in margins:
+        fail("head.margin", f"{cfg.head.margin!r} is not a margin of head.type {cfg.head.type}; "
+                            f"expected one of {', '.join(margins)}")
+
+    milestones = cfg.optim.milestones
+    if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m <= 0 for m in milestones):
+        fail("optim.milestones", f"must be positive and strictly increasing, got {milestones}")
+    if cfg.optim.schedule == "step" and not milestones:
+        fail("optim.milestones", "schedule step needs at least one milestone")
+    if cfg.optim.schedule != "step" and milestones:
+        fail("optim.milestones", f"only apply to schedule step, but optim.schedule is {cfg.optim.schedule}")
+
+    if cfg.engine.type != "deepspeed" and cfg.engine.zero_stage != 1:
+        fail("engine.zero_stage", f"only applies to engine.type deepspeed (engine.type is {cfg.engine.type}); "
+                                  f"leave it at 1")
+    if cfg.engine.precision == "fp16" and cfg.engine.device == "cpu":
+        fail("engine.precision", "fp16 is not available with engine.device cpu (CPUs have no fp16 matrix "
+                                 "multiply); use bf16 or fp32")
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Plain nested dicts and lists, as written to the run directory and logged to wandb."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML that `load_config([path])` reads back to an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
