@@ -1,0 +1,330 @@
+"""The training loader: which samples each rank sees at each step, read, decoded and augmented.
+
+Work is split by samples, not by shards. An epoch's order is a pseudo-random permutation
+of all N samples keyed by (seed, epoch) (`EpochOrder`), so every rank and worker computes
+the same order without communicating, a resumed run recomputes it exactly, and the order
+needs no memory (a Feistel network with cycle walking instead of an N-element array, which
+matters at WebFace260M scale with many workers per node). Global step t takes positions
+[t·W·b, (t+1)·W·b) of that order; rank r takes the slice [r·b, (r+1)·b) of it.
+
+Remainder policy: every rank runs ceil(N / (W·b)) steps per epoch; the positions past N
+wrap around to the start of the epoch's order. Every sample is seen at least once per epoch
+and the first (steps·W·b − N) samples of the order are seen twice; no rank ever runs out
+first, whatever the number of shards, ranks and workers.
+
+Batch t of an epoch is computed from (seed, epoch, t) alone: DataLoader workers receive
+(epoch, step) keys from a sampler in the main process, so the order is the same for any
+num_workers, and resuming at a step is skipping to it. Samples are read at random through
+the per-shard index (shards.py) with one pread each; this suits local disks and the page
+cache (stage shards to local storage on network file systems). Flips and label noise are
+derived from per-sample hashes as well, so they too are reproducible; label noise depends
+on the seed only (a fixed corruption of the dataset, as in the SphereFace2 paper's label
+noise experiment), flips on the seed and the epoch.
+
+A record that fails to decode here (a shard damaged after conversion) is reported with a
+warning naming the shard and byte offset and replaced by the next sample of the dataset,
+so that batch sizes and counts stay equal on every rank.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sf2dist.data.shards import Manifest, load_index, read_manifest
+from sf2dist.imageio import ImageDecodeError, decode_image
+
+_MASK64 = (1 << 64) - 1
+_FEISTEL_ROUNDS = 6
+_MAX_SUBSTITUTES = 16
+_MAX_OPEN_SHARDS = 64
+# Independent hash streams derived from the seed.
+_ORDER, _FLIP, _NOISE_PICK, _NOISE_CLASS = range(4)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed 64-bit hash of each uint64 element."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _key(*parts: int) -> np.uint64:
+    """A 64-bit key derived from integers (seed, epoch, stream, ...)."""
+    state = np.zeros(1, dtype=np.uint64)
+    for part in parts:
+        state = _mix(state + np.uint64((part + 0x9E3779B97F4A7C15) & _MASK64))
+    return state[0]
+
+
+class EpochOrder:
+    """A pseudo-random bijection of [0, n) keyed by (seed, epoch), evaluated on demand."""
+
+    def __init__(self, n: int, seed: int, epoch: int):
+        if n < 1:
+            raise ValueError(f"cannot order {n} samples")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self._half = (bits + 1) // 2  # domain 4^half < 4n: cycle walking takes < 4 rounds on average
+        self._mask = np.uint64((1 << self._half) - 1)
+        self._keys = [_key(seed, epoch, _ORDER, r) for r in range(_FEISTEL_ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        half = np.uint64(self._half)
+        left, right = x >> half, x & self._mask
+        for key in self._keys:
+            left, right = right, left ^ (_mix(right ^ key) & self._mask)
+        return (left << half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at these positions of the epoch's order (int64 in, int64 out)."""
+        ids = self._feistel(np.asarray(positions, dtype=np.int64).astype(np.uint64))
+        outside = ids >= self.n
+        while outside.any():
+            ids[outside] = self._feistel(ids[outside])
+            outside = ids >= self.n
+        return ids.astype(np.int64)
+
+
+class EpochBatches(Dataset):
+    """One rank's batches: `self[(epoch, step)]` -> (images float32 [b, 3, H, W], labels int64 [b])."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        flip: bool,
+        label_noise: float,
+    ):
+        self.manifest = manifest
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.flip, self.label_noise = seed, flip, label_noise
+        self.num_samples = manifest.num_samples
+        self.batches_per_epoch = math.ceil(self.num_samples / (world_size * batch_size))
+        self._shard_starts = np.cumsum([0] + [s.num_samples for s in manifest.shards])
+        self._indexes: dict[int, np.ndarray] = {}
+        self._fds: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def sample_ids(self, epoch: int, step: int) -> np.ndarray:
+        """Ids (global sample numbers, in shard order) of this rank's batch at `step`."""
+        first = (step * self.world_size + self.rank) * self.batch_size
+        positions = np.arange(first, first + self.batch_size, dtype=np.int64) % self.num_samples
+        return EpochOrder(self.num_samples, self.seed, epoch)(positions)
+
+    def labels_of(self, ids: np.ndarray) -> np.ndarray:
+        """Training labels of these samples (int64), label noise included."""
+        labels = np.array([self._locate(i)[3] for i in ids.tolist()], dtype=np.int64)
+        if self.label_noise > 0:
+            hashed = ids.astype(np.uint64)
+            threshold = np.uint64(int(self.label_noise * 2.0**64))
+            noisy = _mix(hashed ^ _key(self.seed, _NOISE_PICK)) < threshold
+            shift = 1 + (_mix(hashed ^ _key(self.seed, _NOISE_CLASS)) % np.uint64(self.manifest.num_classes - 1))
+            # a uniformly drawn *other* class
+            labels = np.where(noisy, (labels + shift.astype(np.int64)) % self.manifest.num_classes, labels)
+        return labels
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, step = key
+        height, width = self.manifest.image_size
+        ids = self.sample_ids(epoch, step)
+        if self.flip:
+            flips = (_mix(ids.astype(np.uint64) ^ _key(self.seed, epoch, _FLIP)) & np.uint64(1)).astype(bool)
+        else:
+            flips = np.zeros(len(ids), dtype=bool)
+        images = torch.empty((len(ids), 3, height, width), dtype=torch.float32)
+        for i, sample_id in enumerate(ids.tolist()):
+            image, ids[i] = self._decode(sample_id)
+            pixels = torch.from_numpy(image)  # uint8 [H, W, 3]
+            if flips[i]:
+                pixels = pixels.flip(1)  # on uint8, a quarter of the bytes of a float flip
+            # sf2dist.imageio.to_tensor's arithmetic, done in the batch's own memory while the
+            # image is in cache: per-image temporaries cost more than the decode on small faces
+            # (tests pin the result to to_tensor's, bit for bit)
+            image_tensor = images[i]
+            image_tensor.copy_(pixels.permute(2, 0, 1))
+            image_tensor.sub_(127.5).div_(127.5)
+        return images, torch.from_numpy(self.labels_of(ids))
+
+    def _locate(self, sample_id: int) -> tuple[int, int, int, int]:
+        """(shard number, byte offset, size, label) of a sample."""
+        shard = int(np.searchsorted(self._shard_starts, sample_id, side="right")) - 1
+        if shard not in self._indexes:
+            self._indexes[shard] = load_index(self.manifest, shard)
+        offset, size, label = self._indexes[shard][sample_id - self._shard_starts[shard]].tolist()
+        return shard, offset, size, label
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if shard not in self._fds:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            path = self.manifest.directory / self.manifest.shards[shard].tar
+            self._fds[shard] = os.open(path, os.O_RDONLY)
+        return os.pread(self._fds[shard], size, offset)
+
+    def _decode(self, sample_id: int) -> tuple[np.ndarray, int]:
+        """The decoded image of a sample, or of the next decodable one: (image, its id)."""
+        expected = (*self.manifest.image_size, 3)
+        for attempt in range(_MAX_SUBSTITUTES):
+            candidate = (sample_id + attempt) % self.num_samples
+            shard, offset, size, _ = self._locate(candidate)
+            data = self._read(shard, offset, size)
+            try:
+                if len(data) != size:
+                    raise ImageDecodeError(f"shard ends after {len(data)} of {size} bytes")
+                image = decode_image(data)
+                if image.shape != expected:
+                    raise ImageDecodeError(f"image shape {image.shape}, manifest says {expected}")
+                return image, candidate
+            except ImageDecodeError as err:
+                tar = self.manifest.directory / self.manifest.shards[shard].tar
+                warnings.warn(
+                    f"{tar}: sample at byte offset {offset} is unreadable ({err}); "
+                    f"using the next sample instead (re-convert the dataset to repair it)"
+                )
+        raise RuntimeError(
+            f"{_MAX_SUBSTITUTES} consecutive samples from sample {sample_id} of "
+            f"{self.manifest.directory} are unreadable; the shards are damaged, re-convert them"
+        )
+
+    def __getstate__(self) -> dict:
+        # Worker processes open their own files and memory maps.
+        return {**self.__dict__, "_indexes": {}, "_fds": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+
+class _StepSampler(Sampler):
+    """Yields (epoch, step) keys of the steps still to run in the current epoch."""
+
+    def __init__(self, batches_per_epoch: int):
+        self.batches_per_epoch = batches_per_epoch
+        self.epoch = 0
+        self.start_step = 0
+
+    def __iter__(self):
+        return ((self.epoch, step) for step in range(self.start_step, self.batches_per_epoch))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_step
+
+
+class ShardLoader:
+    """Iterable over one rank's (images, labels) batches of the current epoch.
+
+    `len(loader)` is the number of batches the next iteration yields (from `start_step` to
+    the end of the epoch), equal on every rank; `batches_per_epoch` is the full count.
+    """
+
+    def __init__(self, batches: EpochBatches, *, epoch: int, start_step: int, num_workers: int,
+                 pin_memory: bool, prefetch_factor: int):
+        self.batches = batches
+        self._sampler = _StepSampler(batches.batches_per_epoch)
+        self.set_epoch(epoch, start_step)
+        self._loader = DataLoader(
+            batches,
+            batch_size=None,  # the dataset returns whole batches
+            sampler=self._sampler,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        )
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.batches.manifest
+
+    @property
+    def num_classes(self) -> int:
+        return self.batches.manifest.num_classes
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.batches.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._sampler.epoch
+
+    @property
+    def start_step(self) -> int:
+        return self._sampler.start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate `epoch` next, from `start_step` (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.batches_per_epoch:
+            raise ValueError(
+                f"start_step={start_step} is outside the {self.batches_per_epoch} steps of an epoch"
+            )
+        self._sampler.epoch, self._sampler.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
+def make_loader(
+    shard_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    epoch: int = 0,
+    num_classes: int | None = None,
+    flip: bool = True,
+    label_noise: float = 0.0,
+    start_step: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> ShardLoader:
+    """The loader of rank `rank` out of `world_size` for the shards in `shard_dir`.
+
+    `batch_size` is per rank. `num_classes`, when given, must equal the manifest's (the
+    head is sized from it). `label_noise` is the fraction of samples whose label is
+    replaced by a different, uniformly drawn class.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be non-negative, got {num_workers}")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    manifest = read_manifest(shard_dir)
+    if num_classes is not None and num_classes != manifest.num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} does not match the {manifest.num_classes} classes of "
+            f"{Path(shard_dir) / 'manifest.json'}; size the head from the manifest "
+            f"(loader.num_classes) or point at the right shards"
+        )
+    if label_noise > 0 and manifest.num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes; {shard_dir} has {manifest.num_classes}")
+    batches = EpochBatches(
+        manifest, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+        flip=flip, label_noise=label_noise,
+    )
+    return ShardLoader(
+        batches, epoch=epoch, start_step=start_step, num_workers=num_workers,
+        pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+    )
