@@ -85,6 +85,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group: dist.ProcessGroup |
     return tensor
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Overwrite `tensor` on every rank with rank `src`'s (in place); returns it."""
+    if rank_and_world(group)[1] == 1:
+        return tensor
+    with _recorded("broadcast", tensor, tensor.numel() * tensor.element_size()):
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
 def batch_sizes(local_size: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
     """Every rank's local batch size, in rank order (one int64 per rank on the wire)."""
     _, world = rank_and_world(group)

@@ -86,13 +86,20 @@ def load_backbone(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
 
 def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
-    """The last of `run_dir/checkpoints/*.pt` in natural order (step_900 before step_1000)."""
+    """The newest checkpoint of a run, in natural order (step_900 before step_1000).
+
+    Training writes `checkpoints/step_NNNNNNNN/model.pt` (see sf2dist/train/checkpoint.py);
+    single files `checkpoints/*.pt` are accepted too. Half-written checkpoints
+    (`.partial-*` directories) are never picked.
+    """
     run_dir = Path(run_dir)
-    candidates = list((run_dir / "checkpoints").glob("*.pt"))
+    root = run_dir / "checkpoints"
+    candidates = list(root.glob("*.pt")) + [p for p in root.glob("step_*/model.pt")]
     if not candidates:
         raise CheckpointError(f"run directory {run_dir} has no checkpoints/*.pt")
 
     def natural(path: Path) -> list:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+        name = path.parent.name if path.name == "model.pt" else path.name
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
     return max(candidates, key=natural)

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"evaluating {args.checkpoint}", file=sys.stderr)
         if args.out is None:
             base = args.run / "eval" if args.run is not None else Path("eval")
-            args.out = base / args.checkpoint.stem
+            args.out = base / (args.checkpoint.parent.name if args.checkpoint.name == "model.pt" else args.checkpoint.stem)
         _check_arguments(args)
         launched = parallel.discover()
         if launched.world_size > 1:  # under torchrun or srun: this process is one rank

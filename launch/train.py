@@ -1,0 +1,52 @@
+"""Train a face-recognition model with an identity-sharded classifier.
+
+    torchrun --nproc_per_node=8 launch/train.py --config configs/ms1mv3_r100_sf2.yaml
+    torchrun --nproc_per_node=2 launch/train.py --config configs/demo_cpu.yaml --set run.epochs=2
+    srun ... launch/train.py ...          (see launch/slurm/train.sbatch)
+
+Several --config files compose (later wins); --set section.key=value overrides any key.
+A run directory that already holds checkpoints resumes from the newest (run.resume).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sf2dist import parallel
+from sf2dist.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"train.py: config error: {err}", file=sys.stderr)
+        return 2
+
+    from sf2dist.train import Trainer  # torch and the rest load after the config is known to be sound
+
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.run()
+    except ValueError as err:  # bad data, labels, checkpoints: the message says what and where
+        print(f"train.py (rank {parallel.discover().rank}): {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        parallel.shutdown()
+    if trainer.rank == 0:
+        for name, metrics in summary["eval"].items():
+            print(f"{name}: verification accuracy {100 * metrics['accuracy']:.2f} ± "
+                  f"{100 * metrics['accuracy_std']:.2f} % (10-fold)")
+        if "plot" in summary:
+            print(f"plot: {summary['plot']}")
+        print(f"run directory: {cfg.run.dir} ({summary['step']} steps, {summary['skipped_steps']} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

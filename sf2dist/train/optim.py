@@ -1,0 +1,127 @@
+"""Optimisers, the learning-rate schedule, the global gradient norm and the loss scale.
+
+The backbone and the head get separate optimisers because they live in different places:
+the backbone's may belong to DeepSpeed, the head's always stays with the trainer (its rows
+are sharded and never averaged). Both follow one schedule, set by hand every iteration, so
+that the schedule's state is the step number and nothing else.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sf2dist import comm
+from sf2dist.config import OptimConfig
+
+
+def make_optimizer(params: Iterable[nn.Parameter] | list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW, with the config's weight decay."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.name: unknown optimiser {cfg.name!r} (sgd or adamw)")
+
+
+def head_param_groups(head: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Class rows decay like any weight; the shared SphereFace2 bias does not."""
+    decay = [p for name, p in head.named_parameters() if name != "bias"]
+    no_decay = [p for name, p in head.named_parameters() if name == "bias"]
+    groups = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+
+    Linear warm-up over `warmup_steps`, then `poly` ((1 - progress)^power over the remaining
+    steps), `step` (times gamma at each milestone) or `constant`.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "poly":
+        remaining = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / remaining)
+        return (1.0 - progress) ** cfg.power
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(step >= milestone for milestone in cfg.milestones)
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
+    """Sum of squared gradient entries of `params`, in float64 (0 when none has a gradient)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None:
+            total = total.to(p.grad.device) + p.grad.detach().double().pow(2).sum()
+    return total
+
+
+def scale_grads_(params: Iterable[nn.Parameter], factor: float) -> None:
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def global_grad_norm_and_loss(
+    backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, group=None
+) -> tuple[float, float]:
+    """The L2 norm of the whole model's gradient and the global loss, with one all-reduce.
+
+    The backbone's gradient is replicated (already averaged by its engine), so its squared
+    norm counts once; the head's rows are sharded, so their squares are summed over ranks.
+    The SphereFace2 bias is replicated as well and counts once. The loss shares of the ranks
+    travel in the same all-reduce.
+    """
+    sharded = [p for name, p in head.named_parameters() if name != "bias"]
+    replicated = [p for name, p in head.named_parameters() if name == "bias"]
+    device = loss_share.device
+    packed = torch.stack([
+        grad_sq_norm(sharded).to(device), loss_share.detach().double().to(device),
+    ])
+    packed = comm.all_reduce(packed, "sum", group)
+    total_sq = packed[0] + backbone_sq.to(device) + grad_sq_norm(replicated).to(device)
+    return math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan"), packed[1].item()
+
+
+class LossScale:
+    """Dynamic loss scaling for fp16, decided from the global gradient norm.
+
+    torch's GradScaler checks for infinities per process; with a sharded head one rank can
+    overflow while another does not, and a step skipped on some ranks only would split the
+    replicated backbone and bias. Here the decision uses the all-reduced norm, so every rank
+    skips or steps together. Disabled (scale 1, never changes) outside fp16.
+    """
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale = max(self.scale / 2.0, 1.0)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2.0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
