@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sf2dist.train import Trainer  # torch and the rest load after the config is known to be sound
+    from sf2dist.train.trainer import EXIT_PREEMPTED
 
     try:
         trainer = Trainer(cfg)
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         parallel.shutdown()
+    if summary["preempted"]:
+        return EXIT_PREEMPTED
     if trainer.rank == 0:
         for name, metrics in summary["eval"].items():
             print(f"{name}: verification accuracy {100 * metrics['accuracy']:.2f} ± "

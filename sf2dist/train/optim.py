@@ -74,24 +74,27 @@ def scale_grads_(params: Iterable[nn.Parameter], factor: float) -> None:
 
 
 def global_grad_norm_and_loss(
-    backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, group=None
-) -> tuple[float, float]:
-    """The L2 norm of the whole model's gradient and the global loss, with one all-reduce.
+    backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, flag: bool = False, group=None
+) -> tuple[float, float, bool]:
+    """The L2 norm of the whole model's gradient, the global loss and "any rank flagged", in one all-reduce.
 
     The backbone's gradient is replicated (already averaged by its engine), so its squared
     norm counts once; the head's rows are sharded, so their squares are summed over ranks.
     The SphereFace2 bias is replicated as well and counts once. The loss shares of the ranks
-    travel in the same all-reduce.
+    travel in the same all-reduce, and so does each rank's stop flag (a signal it received), so
+    that every rank learns at the same step that one of them must stop.
     """
     sharded = [p for name, p in head.named_parameters() if name != "bias"]
     replicated = [p for name, p in head.named_parameters() if name == "bias"]
     device = loss_share.device
     packed = torch.stack([
         grad_sq_norm(sharded).to(device), loss_share.detach().double().to(device),
+        torch.tensor(float(flag), dtype=torch.float64, device=device),
     ])
     packed = comm.all_reduce(packed, "sum", group)
     total_sq = packed[0] + backbone_sq.to(device) + grad_sq_norm(replicated).to(device)
-    return math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan"), packed[1].item()
+    norm = math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan")
+    return norm, packed[1].item(), packed[2].item() > 0
 
 
 class LossScale:

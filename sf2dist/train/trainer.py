@@ -8,7 +8,9 @@ and loss, unscale, clip, step or skip together), logging, evaluation and checkpo
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +29,18 @@ from sf2dist.train.engine import make_engine
 from sf2dist.train.metrics import RunLog, plot_run
 
 
+# A worker that stopped for a SIGTERM/SIGUSR1 after checkpointing exits with this status
+# (EX_TEMPFAIL), and RUN_DIR/status.json says "preempted": launch/slurm/train.sbatch requeues.
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; every rank finished its step and the checkpoint is written."""
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -92,6 +104,11 @@ class Trainer:
         self.state = checkpoint.TrainerState(world_size=self.world_size, batch_size=cfg.data.batch_size)
         self.consecutive_bad = 0
         self.log = None
+        self.stop_requested = False  # set by a signal on this rank
+        self.stop_everywhere = False  # some rank got one: decided together in the step's all-reduce
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> dict:
@@ -107,16 +124,36 @@ class Trainer:
             self.log = RunLog(self.run_dir, config_to_dict(cfg), cfg.logging)
         progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", mininterval=2.0,
                         dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
-        batches = self._micro_batches()
+        self.engine.train()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            results = self._loop(stop_step, progress)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            progress.close()
+        summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, "eval": results,
+                   "preempted": self.stop_everywhere}
+        if self.rank == 0:
+            state = "preempted" if self.stop_everywhere else "finished" if self.state.step == self.total_steps else "stopped"
+            (self.run_dir / "status.json").write_text(json.dumps({"state": state, "step": self.state.step,
+                                                                  "total_steps": self.total_steps}))
+        if self.log is not None:
+            self.log.finish()
+            summary["plot"] = str(plot_run(self.run_dir))
+        return summary
+
+    def _loop(self, stop_step: int, progress) -> dict:
+        cfg = self.cfg
         window_start, window_steps, results = time.perf_counter(), 0, {}
         run_start = time.perf_counter()
-        self.engine.train()
+        batches = self._micro_batches()
         while self.state.step < stop_step:
             loss, grad_norm, lr = self.train_step(batches)
             self.state.step += 1
             window_steps += 1
             progress.update(1)
-            last = self.state.step == stop_step
+            last = self.state.step == stop_step or self.stop_everywhere
             if self.state.step % cfg.run.log_every == 0 or last:
                 seconds = time.perf_counter() - window_start
                 images = window_steps * cfg.optim.accumulation_steps * cfg.data.batch_size * self.world_size
@@ -128,18 +165,17 @@ class Trainer:
                 if self.log is not None:
                     self.log.train(row)
                 window_start, window_steps = time.perf_counter(), 0
-            final = self.state.step == self.total_steps
+            final = self.state.step == self.total_steps and not self.stop_everywhere
             if cfg.eval.benchmarks and ((cfg.run.eval_every and self.state.step % cfg.run.eval_every == 0) or final):
                 results = self.evaluate()
                 self.engine.train()
             if (cfg.run.checkpoint_every and self.state.step % cfg.run.checkpoint_every == 0) or last:
                 self.save_checkpoint()
-        progress.close()
-        summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, "eval": results}
-        if self.log is not None:
-            self.log.finish()
-            summary["plot"] = str(plot_run(self.run_dir))
-        return summary
+            if self.stop_everywhere:
+                if self.rank == 0:
+                    tqdm.write(f"stop signal: checkpoint written at step {self.state.step}; exiting for a requeue")
+                break
+        return results
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The loader's batches as one stream across epochs, starting where the run stands."""
@@ -173,7 +209,9 @@ class Trainer:
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
             loss_share += loss.detach()
-        norm, loss = optim.global_grad_norm_and_loss(self.engine.grad_sq_norm(), self.head, loss_share)
+        norm, loss, stop = optim.global_grad_norm_and_loss(
+            self.engine.grad_sq_norm(), self.head, loss_share, flag=self.stop_requested)
+        self.stop_everywhere = stop
         norm /= scale
         finite = math.isfinite(norm) and math.isfinite(loss)
         lr_factor = optim.lr_factor(self.state.step, self.total_steps, self.cfg.optim)
