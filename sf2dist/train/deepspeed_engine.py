@@ -1,7 +1,8 @@
 """The backbone under DeepSpeed ZeRO (stage 1 or 2), behind the same calls as `DDPEngine`.
 
-DeepSpeed owns the backbone's optimiser state (stage 1) and also its reduced gradients
-(stage 2), each rank holding one contiguous partition. The sharded head never enters it.
+DeepSpeed partitions the backbone's optimiser state and float32 master weights (stage 1)
+and also its gradients while they are reduced (stage 2), each rank holding one contiguous
+partition of the flattened parameters. The sharded head never enters it.
 What the trainer can rely on, and why it holds:
 
 - Gradients. After a backward at an accumulation boundary, DeepSpeed has reduced (averaged
@@ -18,12 +19,12 @@ What the trainer can rely on, and why it holds:
   partitions. Either way the boundary gradient is the average over ranks of the summed
   micro-batches, as under DDP. Without `no_sync()` on the earlier micro-batches, each
   backward would be a boundary and would replace, not add to, the previous partition.
-- Precision. `bf16` (or `fp16`, CUDA only) makes DeepSpeed cast the backbone's parameters to
-  that dtype (its buffers stay float32) and keep float32 master weights, partitioned, in its
-  optimiser. So `module.state_dict()` holds bf16 weights, the forward runs in bf16 whether or
-  not the trainer's autocast is on (images are cast to the parameters' dtype here), the
-  embeddings come out in bf16, and the gradients are reduced and kept in bf16. fp32 leaves
-  everything in float32 (ZeRO still keeps its own float32 copy of the partition it updates).
+- Precision. DeepSpeed's own bf16/fp16 modes stay off: they cast every parameter to half
+  precision, BatchNorm's included (whose float32 running statistics then no longer match:
+  CPU batch_norm refuses the mix, and half-precision BN weights train poorly). bf16/fp16 run
+  as under DDP instead: float32 weights, the trainer's autocast for the forward, the
+  trainer's loss scale for fp16. ZeRO still partitions the optimiser state and the
+  gradients, which is where its memory saving is.
 - Checkpoints. `save`/`load` use DeepSpeed's own checkpoint (module weights, float32 master
   partitions, optimiser partitions) in `directory / "deepspeed"`. Loading restores the master
   weights as well: changing `module`'s weights by hand after construction would be undone by
@@ -62,9 +63,9 @@ def deepspeed_config(cfg: Config) -> dict:
             # own norm inside step() would be a second all-reduce that nothing reads.
             "compute_grad_norm": False,
         },
-        "bf16": {"enabled": precision == "bf16"},
-        # A static scale of 1 turns DeepSpeed's loss scaler off; the trainer's LossScale scales.
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 1.0},
+        # Half precision comes from the trainer's autocast (see the module docstring).
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
     }
 
 
@@ -76,12 +77,14 @@ class DeepSpeedEngine:
     def __init__(self, backbone: nn.Module, cfg: Config, device: torch.device, world_size: int) -> None:
         if cfg.engine.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"engine.precision fp16 needs a CUDA device, got {device}; use bf16 or fp32")
-        _, group_size = comm.rank_and_world()
-        if group_size != world_size or not torch.distributed.is_initialized():
+        # DeepSpeed joins the existing default group and cannot run without one (not even on one rank).
+        has_group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if not has_group or comm.rank_and_world()[1] != world_size:
+            found = f"one of world size {comm.rank_and_world()[1]}" if has_group else "none"
             raise ValueError(
                 f"engine.type deepspeed needs an initialised process group of world size {world_size} "
-                f"(found {'none' if not torch.distributed.is_initialized() else group_size}); launch with "
-                "torchrun and sf2dist.parallel.init_distributed, or use engine.type ddp for one process"
+                f"(found {found}); launch with torchrun so that sf2dist.parallel.init_distributed creates "
+                "it, or use engine.type ddp for a single process"
             )
         backbone = backbone.to(device)
         optimizer = optim.make_optimizer(backbone.parameters(), cfg.optim, cfg.optim.lr)
@@ -146,8 +149,9 @@ class DeepSpeedEngine:
 
     def zero_grad(self) -> None:
         self.engine.optimizer.zero_grad(set_to_none=True)
-        # A skipped step leaves its partitions behind; drop them as DeepSpeed does on overflow,
-        # so that they cannot reach a later step.
+        # A skipped step leaves its partitions behind; drop them as DeepSpeed does on overflow.
+        # The next boundary would replace them anyway, except where DeepSpeed adds into a kept
+        # buffer (float32 accumulation of bf16 gradients), so this keeps a skip from leaking.
         zero_optimizer = self.engine.optimizer
         for group in zero_optimizer.averaged_gradients:
             zero_optimizer.averaged_gradients[group] = None
@@ -169,7 +173,7 @@ class DeepSpeedEngine:
         _, world_size = comm.rank_and_world()
         if saved_ranks != world_size:
             raise ValueError(
-                f"{checkpoint} holds ZeRO partitions of {saved_ranks} ranks but this run has {world_size}; "
+                f"{checkpoint} holds ZeRO partitions of {saved_ranks} rank(s) but this run has {world_size}; "
                 f"DeepSpeed cannot repartition them: resume on {saved_ranks} ranks"
             )
         load_path, _ = self.engine.load_checkpoint(

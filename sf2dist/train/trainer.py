@@ -189,8 +189,8 @@ class Trainer:
 
     def _autocast(self):
         precision = self.cfg.engine.precision
-        if precision == "fp32" or self.engine.name == "deepspeed" and precision == "bf16":
-            return contextlib.nullcontext()  # DeepSpeed's bf16 mode casts the backbone itself
+        if precision == "fp32":
+            return contextlib.nullcontext()
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
