@@ -11,6 +11,7 @@ import torch
 from sf2dist.data import make_loader, read_manifest
 from sf2dist.data.loader import EpochBatches, EpochOrder, ShardLoader
 from sf2dist.data.shards import load_index
+from sf2dist.imageio import decode_image, to_tensor
 from tests.data_helpers import write_shard_dir
 
 SIZE = 16
@@ -31,6 +32,16 @@ def shard_dir(tmp_path_factory):
     labels = list(range(NUM_SAMPLES))  # one class per sample: labels name the samples
     write_shard_dir(out, [coded_image(n) for n in labels], labels, shard_size=20, num_classes=NUM_SAMPLES)
     return out
+
+
+def decoded_samples(shard_dir) -> list[np.ndarray]:
+    """Every sample's image, decoded straight from the shard bytes, in shard order."""
+    manifest = read_manifest(shard_dir)
+    images = []
+    for number, shard in enumerate(manifest.shards):
+        data = (shard_dir / shard.tar).read_bytes()
+        images += [decode_image(data[offset:offset + size]) for offset, size, _ in load_index(manifest, number).tolist()]
+    return images
 
 
 def run_epoch(shard_dir, *, world_size=2, batch_size=4, num_workers=2, seed=7, epoch=0, **options):
@@ -120,6 +131,11 @@ def test_flips_mirror_about_half_of_the_images(shard_dir):
     for a, b, was_mirrored in zip(plain[0], flipped[0], mirrored):
         assert torch.equal(b, a.flip(-1) if was_mirrored else a)
     assert 15 <= sum(mirrored) <= 35
+    # bit for bit what sf2dist.imageio prepares for evaluation, flipped or not
+    decoded = decoded_samples(shard_dir)
+    for image, label, was_mirrored in zip(flipped[0], flipped[1].tolist(), mirrored):
+        source = decoded[label]  # one class per sample: the label is the sample number
+        assert torch.equal(image, to_tensor(source[:, ::-1] if was_mirrored else source))
 
 
 def test_fewer_samples_than_one_global_batch(tmp_path):
