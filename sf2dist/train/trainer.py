@@ -93,6 +93,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = make_engine(backbone, cfg, self.device, self.world_size)
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
+        # SphereFace2 returns each rank's share of the loss (the global loss is their sum); the
+        # softmax head returns the whole global loss on every rank.
+        self.loss_shares = isinstance(self.head, SphereFace2Head)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         self.head_optimizer = optim.make_optimizer(optim.head_param_groups(self.head, cfg.optim), cfg.optim, self.head_lr)
         self.loss_scale = optim.LossScale(cfg.engine.precision == "fp16")
@@ -208,7 +211,7 @@ class Trainer:
                     embeddings = self.engine(images)
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
-            loss_share += loss.detach()
+            loss_share += loss.detach() if self.loss_shares else loss.detach() / self.world_size
         norm, loss, stop = optim.global_grad_norm_and_loss(
             self.engine.grad_sq_norm(), self.head, loss_share, flag=self.stop_requested)
         self.stop_everywhere = stop
