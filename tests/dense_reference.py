@@ -15,8 +15,11 @@ def _g(x: torch.Tensor, t: float) -> torch.Tensor:
     return 2.0 * ((x + 1.0) / 2.0) ** t - 1.0
 
 
-def sphereface2_loss(embeddings, labels, weight, bias, *, alpha, r, m, t, margin, loss_weight):
-    """L = lw * mean_n (1/r)[alpha softplus(-z_y) + (1 - alpha) sum_{i != y} softplus(z_i)]."""
+def sphereface2_loss(embeddings, labels, weight, bias, *, alpha, r, m, t, margin, loss_weight, class_weight=None):
+    """L = lw * mean_n (1/r)[alpha softplus(-z_y) + (1 - alpha) sum_{i != y} softplus(z_i)].
+
+    `class_weight` [C] multiplies every term of class i (None: all 1).
+    """
     cos = F.normalize(embeddings, dim=1) @ weight.t()  # [N, C]; weight rows are unit-norm
     one_hot = F.one_hot(labels, weight.shape[0]).to(cos.dtype)
     with torch.no_grad():
@@ -29,6 +32,8 @@ def sphereface2_loss(embeddings, labels, weight, bias, *, alpha, r, m, t, margin
         detached = r * target - r * cos
     z = r * cos + detached + bias
     per_class = one_hot * alpha * F.softplus(-z) + (1.0 - one_hot) * (1.0 - alpha) * F.softplus(z)
+    if class_weight is not None:
+        per_class = per_class * class_weight
     return loss_weight * (per_class.sum(dim=1) / r).mean()
 
 

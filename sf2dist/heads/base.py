@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sf2dist import comm
+from sf2dist.heads.chunked import check_implementation
 from sf2dist.parallel import class_range
 
 # Rows are initialised in fixed blocks of global classes, each from its own seeded generator,
@@ -42,7 +43,15 @@ def upcast(cos: torch.Tensor) -> torch.Tensor:
 
 
 class ShardedHead(nn.Module):
-    """Base of the heads: rows for global classes [class_start, class_stop) of this rank."""
+    """Base of the heads: rows for global classes [class_start, class_stop) of this rank.
+
+    `implementation="fused"` (the default) computes loss and gradients chunk by chunk over
+    the classes, `chunk_size` of them at a time (None: chosen from the batch and the device),
+    and never holds the [N, C_local] logits; `"reference"` is the straightforward version that
+    materialises them and lets autograd do the rest. Both give the same loss and gradients.
+    `compile_elementwise` compiles a chunk's elementwise math with torch.compile (None: on
+    CUDA when Triton is there; on a CPU the eager kernels are used).
+    """
 
     def __init__(
         self,
@@ -53,8 +62,12 @@ class ShardedHead(nn.Module):
         backbone_grads_averaged: bool = True,
         check_inputs: bool = True,
         seed: int = 0,
+        implementation: str = "fused",
+        chunk_size: int | None = None,
+        compile_elementwise: bool | None = None,
     ) -> None:
         super().__init__()
+        check_implementation(implementation, chunk_size)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
@@ -67,12 +80,14 @@ class ShardedHead(nn.Module):
         self.num_local_classes = self.class_stop - self.class_start
         self.backbone_grads_averaged = backbone_grads_averaged
         self.check_inputs = check_inputs
+        self.implementation, self.chunk_size, self.compile_elementwise = implementation, chunk_size, compile_elementwise
         self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed))
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-            f"classes=[{self.class_start}, {self.class_stop}) on rank {self.rank}/{self.world_size}"
+            f"classes=[{self.class_start}, {self.class_stop}) on rank {self.rank}/{self.world_size}, "
+            f"implementation={self.implementation}, chunk_size={self.chunk_size}"
         )
 
     def gather_batch(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -8,6 +8,13 @@ cross entropy's normaliser spans all shards, so every step all-reduces the row m
 With `sample_rate < 1`, each rank keeps every class of the global batch that it holds and
 samples the rest of its shard uniformly up to `sample_rate * num_local_classes` classes
 (Partial FC); only the kept rows take part in the step.
+
+The default (fused) implementation never holds the [N, S_local] logits: a first pass over
+chunks of classes keeps a running row maximum and sum of exponentials (a streaming
+log-sum-exp, rescaled when the maximum grows); the same two all-reduces as the reference then
+combine the shards; a second pass recomputes each chunk's cosines (the last chunk of the first
+pass is kept instead) and folds the softmax gradient into the embedding and row gradients.
+It costs one more cosine matmul than the reference over all but the last chunk.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from sf2dist import comm
+from sf2dist.heads import chunked
 from sf2dist.heads.base import ShardedHead, upcast
 
 MARGINS = {"cosface": 0.4, "arcface": 0.5}  # name -> default m
@@ -63,12 +71,141 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         return grad_cos * grad_loss, None, None, None, None, None, None
 
 
+def _exp_logits(x, inv_norm, pos_rows, pos_cols, targets, row_max):
+    """In place over a chunk of s * (e . w) [N, c]: exp(logit - new row max), and that max.
+
+    The logits are s * cos (x divided by the row norms of w), with the true classes' entries
+    set to their margin targets; the new row max is the larger of `row_max` and the chunk's.
+    Returns (exp'd chunk, new row max [N], per-row sums of the exp'd chunk [N]).
+    """
+    x.mul_(inv_norm)
+    x[pos_rows, pos_cols] = targets
+    new_max = torch.maximum(row_max, x.amax(dim=1))
+    e = x.sub_(new_max.unsqueeze(1)).exp_()
+    return e, new_max, e.sum(dim=1)
+
+
+def _grad_from_exp(e, inv_norm, pos_rows, pos_cols, total):
+    """In place over exp(logit - global row max) [N, c]: g = (e - total * [j = y_n]) / |w_j|.
+
+    With row_scale = s / (N * total), row_scale[n] * g[n, j] * |w_j| is dL/dcos[n, j]: so
+    g @ w (raw rows) is dL/de / row_scale, and g^T @ (row_scale * e) is dL/dw_hat / |w|.
+    """
+    g = e.mul_(inv_norm)
+    g[pos_rows, pos_cols] -= total[pos_rows] * inv_norm[pos_cols]
+    return g
+
+
+def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s, m, chunk_size, need_grads,
+                                mm_dtype, group, compiled):
+    """Mean cross entropy of the global batch, and (if `need_grads`) dL/d(embeddings) and dL/d(weight).
+
+    embeddings [N, D] unit-norm; weight [C_local, D] raw rows (normalised on the fly, the
+    normalisation's Jacobian applied to their gradient); index [S] ascending (or None: all).
+    """
+    exp_logits = chunked.elementwise(_exp_logits, compiled)
+    grad_from_exp = chunked.elementwise(_grad_from_exp, compiled)
+    num_samples, dim = embeddings.shape
+    dtype = embeddings.dtype
+    mm = mm_dtype or dtype
+    weight = weight.detach()
+    embeddings = embeddings.detach()
+    num_columns = weight.shape[0] if index is None else index.numel()
+    chunk_size = chunked.resolve_chunk_size(chunk_size, num_samples, num_columns, weight.device)
+    bounds = chunked.chunk_bounds(num_columns, chunk_size)
+    scaled = (embeddings * s).to(mm)  # [N, D]: the matmul gives s * (e . w)
+    columns = cols if index is None else torch.searchsorted(index, cols)
+    positives = chunked.PositivesByChunk(rows, columns, bounds)
+    targets = torch.empty(positives.rows.numel(), dtype=dtype, device=weight.device)  # s * margin target
+    inv_norm = torch.empty(num_columns, dtype=dtype, device=weight.device)  # 1 / max(|w|, eps)
+    degenerate = torch.empty(num_columns, dtype=torch.bool, device=weight.device)  # |w| <= eps
+    row_max = torch.full((num_samples,), -math.inf, dtype=dtype, device=weight.device)
+    row_sum = torch.zeros(num_samples, dtype=dtype, device=weight.device)  # sum of exp(logit - row_max)
+
+    def chunk_matmul(rows_mm):
+        x = torch.mm(scaled, rows_mm.t())  # [N, c]
+        return x if x.dtype == dtype else x.to(dtype)
+
+    last = None
+    for start, stop in bounds:
+        rows_w = chunked.iter_rows(weight, index, start, stop)
+        norm = rows_w.norm(dim=1).to(dtype)
+        degenerate[start:stop] = norm <= 1e-12
+        inv = torch.reciprocal(norm.clamp_min_(1e-12), out=inv_norm[start:stop])
+        x = chunk_matmul(rows_w.to(mm))
+        pos_rows, pos_cols, part = positives.in_chunk(start)
+        targets[part] = s * margin_target(x[pos_rows, pos_cols] * inv[pos_cols] / s, margin, m)
+        e, new_max, chunk_sum = exp_logits(x, inv, pos_rows, pos_cols, targets[part], row_max)
+        row_sum = row_sum.mul_(torch.exp(row_max - new_max)).add_(chunk_sum)  # rescaled to the new max
+        row_max = new_max
+        last = e  # the backward pass starts with the last chunk: no second matmul for it
+    local_max = row_max.clone()
+    row_max = comm.all_reduce(row_max, "max", group)  # [N]
+    sums = torch.zeros(2, num_samples, dtype=dtype, device=weight.device)
+    sums[0] = row_sum * torch.exp(local_max - row_max)
+    sums[1, positives.rows] = targets - row_max[positives.rows]
+    comm.all_reduce(sums, "sum", group)  # [sum of exp; true-class logit minus max]
+    total = sums[0]
+    loss = (total.log() - sums[1]).mean()
+    if not need_grads:
+        return loss, None
+    row_scale = (s / num_samples) / total  # [N]
+    weighted = (embeddings * row_scale.unsqueeze(1)).to(mm)  # [N, D]
+    grad_embeddings = torch.zeros(num_samples, dim, dtype=dtype, device=weight.device)  # until times row_scale
+    grad_weight = (torch.empty_like if index is None else torch.zeros_like)(weight)
+    for start, stop in reversed(bounds):
+        rows_w = chunked.iter_rows(weight, index, start, stop)
+        rows_mm = rows_w.to(mm)
+        inv = inv_norm[start:stop]
+        pos_rows, pos_cols, part = positives.in_chunk(start)
+        if last is not None:
+            e, last = last.mul_(torch.exp(local_max - row_max).unsqueeze(1)), None
+        else:
+            e = exp_logits(chunk_matmul(rows_mm), inv, pos_rows, pos_cols, targets[part], row_max)[0]
+        g = grad_from_exp(e, inv, pos_rows, pos_cols, total)
+        g_mm = g.to(mm)
+        chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
+        grad_rows = torch.mm(g_mm.t(), weighted)  # dL/dw_hat / |w|  [c, D]
+        grad_rows = grad_rows if grad_rows.dtype == weight.dtype else grad_rows.to(weight.dtype)
+        # dL/dw = (dL/dw_hat - w_hat (w_hat . dL/dw_hat)) / |w|, or dL/dw_hat / eps where |w| <= eps
+        along = torch.linalg.vecdot(grad_rows, rows_w) * inv.square().masked_fill_(degenerate[start:stop], 0.0)
+        grad_rows.addcmul_(rows_w, along.unsqueeze(1).to(grad_rows.dtype), value=-1.0)
+        if index is None:
+            grad_weight[start:stop] = grad_rows
+        else:
+            grad_weight.index_copy_(0, index[start:stop], grad_rows)
+    return loss, (grad_embeddings.mul_(row_scale.unsqueeze(1)), grad_weight)
+
+
+class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
+    """Fused: the global mean cross entropy, gradients formed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, rows, cols, index, margin, s, m, chunk_size, group, compiled):
+        mm_dtype = chunked.autocast_dtype(embeddings.device)
+        need_grads = any(ctx.needs_input_grad[:2])
+        with torch.autocast(embeddings.device.type, enabled=False):
+            loss, grads = _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s, m,
+                                                      chunk_size, need_grads, mm_dtype, group, compiled)
+        if grads is not None:
+            ctx.grad_embeddings, ctx.grad_weight = grads
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_embeddings, grad_weight = chunked.take_grads(ctx, ("grad_embeddings", "grad_weight"))
+        return (chunked.scale_grad_(grad_embeddings, grad_loss), chunked.scale_grad_(grad_weight, grad_loss),
+                None, None, None, None, None, None, None, None, None)
+
+
 class PartialFCHead(ShardedHead):
     """Identity-sharded margin softmax (CosFace or ArcFace) with Partial FC class sampling.
 
     `weight` [num_local_classes, D] holds the rows of global classes class_start..class_stop-1
     (normalised inside the forward, with gradient). `forward` returns the mean loss of the
-    global batch, the same value on every rank.
+    global batch, the same value on every rank. Its gradient is dense (zero on the rows a
+    sampled step did not keep), so any torch optimiser steps it. `implementation`,
+    `chunk_size` and `compile_elementwise` are described in `ShardedHead`.
     """
 
     def __init__(
@@ -84,6 +221,9 @@ class PartialFCHead(ShardedHead):
         backbone_grads_averaged: bool = True,
         check_inputs: bool = True,
         seed: int = 0,
+        implementation: str = "fused",
+        chunk_size: int | None = None,
+        compile_elementwise: bool | None = None,
     ) -> None:
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {sorted(MARGINS)}, got {margin!r}")
@@ -98,6 +238,9 @@ class PartialFCHead(ShardedHead):
             backbone_grads_averaged=backbone_grads_averaged,
             check_inputs=check_inputs,
             seed=seed,
+            implementation=implementation,
+            chunk_size=chunk_size,
+            compile_elementwise=compile_elementwise,
         )
         self.margin, self.s = margin, float(s)
         self.m = float(MARGINS[margin] if m is None else m)
@@ -128,6 +271,12 @@ class PartialFCHead(ShardedHead):
         local_labels = gathered_labels[rows] - self.class_start
         kept = self.sample_classes(local_labels)  # [S_local]
         self.last_sampled_classes = kept + self.class_start
+        if self.implementation == "fused":
+            index = None if kept.numel() == self.num_local_classes else kept
+            return _FusedShardedMarginCrossEntropy.apply(
+                F.normalize(gathered, dim=1), self.weight, rows, local_labels, index, self.margin, self.s, self.m,
+                self.chunk_size, self.process_group, chunked.should_compile(self.compile_elementwise, gathered.device),
+            )
         weight = self.weight if kept.numel() == self.num_local_classes else self.weight[kept]
         cols = torch.searchsorted(kept, local_labels)  # positions of the true classes among the kept
         cos = upcast(F.linear(F.normalize(gathered, dim=1), F.normalize(weight, dim=1)))  # [N, S_local]

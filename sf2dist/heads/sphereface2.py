@@ -10,10 +10,27 @@ with gradient detachment: the value of r*g_m(cos), the gradient of r*cos),
 and L is the sum over ranks of each rank's share. `forward` returns this rank's share;
 `backward` on it gives exact local row gradients, a reduce-scatter of the embedding gradient
 and one all-reduce of the shared bias's gradient. `global_loss` sums the shares for logging.
+
+Every term depends on one cosine only, so the default (fused) implementation works through
+the local classes chunk by chunk: cosines, loss and dL/dcos of a chunk in one go, folded at
+once into the embedding and row gradients; it never holds more than one [N, chunk] tile.
+
+Class sampling (`sample_rate` p < 1): the loss is a sum of independent per-class terms, so a
+step may use a random subset of them and reweight it to an unbiased estimate. On each rank,
+every class present in the global batch is kept with weight 1; of the M other local classes,
+k = ceil(p * M) are drawn uniformly without replacement and their terms weighted by M / k (each
+is drawn with probability k / M, so the expected loss and gradients are the full ones). Only
+the kept rows are renormalised, read and given a gradient: `weight.grad` is then a sparse COO
+tensor holding exactly those rows, `last_sampled_rows` names them, and
+`sf2dist.heads.sparse_sgd.SampledRowsSGD` updates only them (torch.optim.SGD cannot take a
+sparse gradient with weight decay). The draw of step s on rank q comes from a generator seeded
+with (seed, q, s), where s is `sample_step`, counted by the head: restore it on resume to repeat
+a run's draws exactly.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sf2dist import comm
+from sf2dist.heads import chunked
 from sf2dist.heads.base import ShardedHead, upcast
 
 MARGINS = ("C", "A", "M")
@@ -60,25 +78,44 @@ def initial_bias(num_classes: int, alpha: float, r: float, m: float, t: float, m
     return math.log(2.0 * z) - a_i - math.log(1.0 - z + root)
 
 
+@dataclass(frozen=True)
+class LossTerms:
+    """The hyper-parameters of the loss, as the loss functions take them."""
+
+    alpha: float
+    r: float
+    m: float
+    t: float
+    margin: str
+    loss_weight: float
+
+
 class _ShardLoss(torch.autograd.Function):
-    """This rank's share of the loss from its cosines; the gradient is formed in the forward.
+    """Reference: this rank's share of the loss from its materialised cosines.
 
     Every term depends on one cosine only, so dL/dcos is known elementwise when the loss is:
-    keeping it (one [N, C_local] tensor) is cheaper than keeping autograd's intermediates.
+    keeping it (one [N, S] tensor) is cheaper than keeping autograd's intermediates.
+    `class_weight` [S] weights each column's terms (sampling), None for all ones.
     """
 
     @staticmethod
-    def forward(ctx, cos, bias, rows, cols, alpha, r, m, t, margin, loss_weight, group):
-        # cos: [N, C_local] float32; rows/cols: positions of the true classes held here.
+    def forward(ctx, cos, bias, rows, cols, class_weight, terms, group):
+        # cos: [N, S] float32; rows/cols: positions of the true classes held here.
+        alpha, r, m, t, margin = terms.alpha, terms.r, terms.m, terms.t, terms.margin
         num_samples = cos.shape[0]
-        z = negative_target(cos, margin, m, t).mul_(r).add_(bias)  # [N, C_local]
-        loss = (1.0 - alpha) * F.softplus(z).sum()
+        z = negative_target(cos, margin, m, t).mul_(r).add_(bias)  # [N, S]
+        per_class = F.softplus(z).sum(dim=0)  # [S]
+        if class_weight is not None:
+            per_class = per_class * class_weight
+        loss = (1.0 - alpha) * per_class.sum()
         z_neg_y = z[rows, cols]
         z_pos_y = r * positive_target(cos[rows, cols], margin, m, t) + bias
         loss = loss - (1.0 - alpha) * F.softplus(z_neg_y).sum() + alpha * F.softplus(-z_pos_y).sum()
         grad = z.sigmoid_().mul_(1.0 - alpha)  # dL/dz up to the constant, reusing z's storage
         grad[rows, cols] = -alpha * torch.sigmoid(-z_pos_y)
-        scale = loss_weight / (r * num_samples)
+        if class_weight is not None:  # the batch's own classes (all positives) have weight 1
+            grad.mul_(class_weight)
+        scale = terms.loss_weight / (r * num_samples)
         grad_cos = grad.mul_(scale * r)  # dL/dcos = r * dL/dz
         grad_bias = grad_cos.sum() / r  # dL/db = sum of dL/dz
         ctx.group = group
@@ -89,7 +126,114 @@ class _ShardLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_cos, grad_bias = ctx.saved_tensors
         grad_bias = comm.all_reduce(grad_bias * grad_loss, "sum", ctx.group)  # b is shared by all shards
-        return grad_cos * grad_loss, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_cos * grad_loss, grad_bias, None, None, None, None, None
+
+
+def _negative_terms(scaled_cos: torch.Tensor, shift: float, t: float, kappa: torch.Tensor):
+    """Over a chunk of a*cos, in place: (per-column sums of softplus(z), sigmoid(z)).
+
+    z = r * g_m(cos) + b is every entry's negative logit; with a = (2r / 2^t)^(1/t) it is
+    (a*cos + a)^t + kappa (kappa = b + r(m - 1) for margin C, b - r for A and M): three passes.
+    """
+    z = scaled_cos.add_(shift).pow_(t).add_(kappa)
+    return F.softplus(z).sum(dim=0), z.sigmoid_()
+
+
+def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size,
+                      need_grads, mm_dtype, negative_terms):
+    """This rank's share of the loss, and (if `need_grads`) dL/d(embeddings), dL/d(used rows), dL/db.
+
+    embeddings [N, D]: the unit-norm gathered batch; weight [C_local, D]: the rows, renormalised
+    here in place (chunk by chunk, as they are read); index [S] (or None: all rows): the rows
+    used, ascending; class_weight [S] (or None): the weight of each used row's terms.
+    """
+    alpha, r, t = terms.alpha, terms.r, terms.t
+    num_samples, dim = embeddings.shape
+    dtype = embeddings.dtype  # the loss math's precision (float32 under autocast too)
+    mm = mm_dtype or dtype
+    weight = weight.detach()
+    num_columns = weight.shape[0] if index is None else index.numel()
+    chunk_size = chunked.resolve_chunk_size(chunk_size, num_samples, num_columns, weight.device)
+    bounds = chunked.chunk_bounds(num_columns, chunk_size)
+    shift = (2.0 * r / 2.0**t) ** (1.0 / t)
+    bias_value = bias.detach().to(dtype)
+    kappa = bias_value + (r * (terms.m - 1.0) if terms.margin == "C" else -r)
+    grad_scale = (1.0 - alpha) * terms.loss_weight / num_samples  # dL/dcos per unit of sigmoid(z)
+    embeddings = embeddings.detach()
+    scaled = (embeddings * shift).to(mm)  # [N, D]: the first matmul gives a*cos
+    columns = cols if index is None else torch.searchsorted(index, cols)
+    positives = chunked.PositivesByChunk(rows, columns, bounds)
+    negative_sum = torch.zeros((), dtype=dtype, device=weight.device)
+    positive_sum = torch.zeros((), dtype=dtype, device=weight.device)
+    grads = None
+    if need_grads:
+        weighted = (embeddings * grad_scale).to(mm)  # [N, D]: g^T @ weighted = dL/d(rows)
+        grad_embeddings = torch.zeros(num_samples, dim, dtype=dtype, device=weight.device)
+        grad_rows = torch.empty(num_columns, dim, dtype=weight.dtype, device=weight.device)
+        grad_bias = torch.zeros((), dtype=dtype, device=weight.device)
+    for start, stop in bounds:
+        rows_w = chunked.iter_rows(weight, index, start, stop)  # [c, D]
+        rows_w.div_(rows_w.norm(dim=1, keepdim=True).clamp_min(1e-12))  # rows are kept unit-norm
+        if index is not None:
+            weight.index_copy_(0, index[start:stop], rows_w)
+        rows_mm = rows_w.to(mm)
+        x = torch.mm(scaled, rows_mm.t())  # [N, c] a*cos
+        x = x if x.dtype == dtype else x.to(dtype)
+        pos_rows, pos_cols, _ = positives.in_chunk(start)
+        scaled_cos_y = x[pos_rows, pos_cols]
+        per_class, g = negative_terms(x, shift, t, kappa)  # g: sigmoid(z), in x's storage
+        cw = None if class_weight is None else class_weight[start:stop].to(dtype)
+        negative_sum += per_class.sum() if cw is None else per_class @ cw
+        if pos_rows.numel():
+            z_neg_y = (scaled_cos_y + shift).pow_(t).add_(kappa)
+            z_pos_y = r * positive_target(scaled_cos_y / shift, terms.margin, terms.m, t) + bias_value
+            positive_sum += alpha * F.softplus(-z_pos_y).sum() - (1.0 - alpha) * F.softplus(z_neg_y).sum()
+            g[pos_rows, pos_cols] = torch.sigmoid(-z_pos_y).mul_(-alpha / (1.0 - alpha))
+        if not need_grads:
+            continue
+        if cw is not None:  # the batch's own classes (all positives) have weight 1
+            g.mul_(cw)
+        grad_bias += g.sum()
+        g_mm = g.to(mm)
+        chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
+        chunked.mm_into(grad_rows[start:stop], g_mm.t(), weighted)
+    loss = ((1.0 - alpha) * negative_sum + positive_sum) * (terms.loss_weight / (r * num_samples))
+    if need_grads:
+        grads = (grad_embeddings.mul_(grad_scale), grad_rows, grad_bias.mul_(grad_scale / r))
+    return loss, grads
+
+
+class _FusedShardLoss(torch.autograd.Function):
+    """Fused: this rank's share of the loss, its gradients formed chunk by chunk in the forward.
+
+    The forward keeps only dL/d(embeddings) [N, D], dL/d(rows) [S, D] and dL/db; the backward
+    scales them by the incoming gradient and all-reduces dL/db (b is shared by every shard).
+    With sampling, the row gradient is handed over as a sparse COO tensor of the used rows.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size, group,
+                negative_terms):
+        mm_dtype = chunked.autocast_dtype(embeddings.device)
+        need_grads = any(ctx.needs_input_grad[:3])
+        with torch.autocast(embeddings.device.type, enabled=False):
+            loss, grads = _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms,
+                                            chunk_size, need_grads, mm_dtype, negative_terms)
+        if grads is not None:
+            ctx.grad_embeddings, ctx.grad_rows, ctx.grad_bias = grads
+        ctx.group, ctx.index, ctx.weight_shape = group, index, weight.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_embeddings, grad_rows, grad_bias = chunked.take_grads(ctx, ("grad_embeddings", "grad_rows", "grad_bias"))
+        grad_embeddings = chunked.scale_grad_(grad_embeddings, grad_loss)
+        grad_rows = chunked.scale_grad_(grad_rows, grad_loss)
+        grad_bias = comm.all_reduce(grad_bias * grad_loss, "sum", ctx.group)  # b is shared by all shards
+        if ctx.index is not None:
+            grad_rows = torch.sparse_coo_tensor(ctx.index.unsqueeze(0), grad_rows, ctx.weight_shape,
+                                                is_coalesced=True, check_invariants=False)
+        return grad_embeddings, grad_rows, grad_bias, None, None, None, None, None, None, None, None
 
 
 class SphereFace2Head(ShardedHead):
@@ -99,7 +243,10 @@ class SphereFace2Head(ShardedHead):
     renormalised to unit norm at every forward) and `bias`, the scalar shared by all classes,
     identical on every rank. `forward(embeddings [b, D], labels [b] int64)` returns this
     rank's share of the loss (see the module docstring); the loss math runs in float32 even
-    when the cosine matmul runs in bf16/fp16 under autocast.
+    when the cosine matmuls run in bf16/fp16 under autocast.
+
+    `sample_rate` < 1 samples the classes absent from the batch (module docstring);
+    `implementation`, `chunk_size` and `compile_elementwise` are described in `ShardedHead`.
     """
 
     def __init__(
@@ -113,10 +260,14 @@ class SphereFace2Head(ShardedHead):
         t: float = 3.0,
         margin: str = "C",
         loss_weight: float = 10.0,
+        sample_rate: float = 1.0,
         process_group: dist.ProcessGroup | None = None,
         backbone_grads_averaged: bool = True,
         check_inputs: bool = True,
         seed: int = 0,
+        implementation: str = "fused",
+        chunk_size: int | None = None,
+        compile_elementwise: bool | None = None,
     ) -> None:
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {MARGINS} (paper App. F), got {margin!r}")
@@ -126,6 +277,8 @@ class SphereFace2Head(ShardedHead):
             raise ValueError(f"r, t and loss_weight must be positive, got r={r}, t={t}, loss_weight={loss_weight}")
         if m < 0:
             raise ValueError(f"margin m must be non-negative, got {m}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         super().__init__(
             num_classes,
             embedding_dim,
@@ -133,29 +286,76 @@ class SphereFace2Head(ShardedHead):
             backbone_grads_averaged=backbone_grads_averaged,
             check_inputs=check_inputs,
             seed=seed,
+            implementation=implementation,
+            chunk_size=chunk_size,
+            compile_elementwise=compile_elementwise,
         )
         self.alpha, self.r, self.m, self.t, self.margin = float(alpha), float(r), float(m), float(t), margin
         self.loss_weight = float(loss_weight)
+        self.terms = LossTerms(self.alpha, self.r, self.m, self.t, margin, self.loss_weight)
         self.bias = nn.Parameter(torch.tensor(initial_bias(num_classes, alpha, r, m, t, margin)))
+        self.sample_rate = float(sample_rate)
+        self.seed = seed
+        self.sample_step = 0  # sampled forwards so far: with seed and rank, it fixes the next draw
+        self.last_sampled_rows: torch.Tensor | None = None  # local rows used by the last forward (sampling only)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, margin={self.margin}, alpha={self.alpha}, r={self.r}, "
-            f"m={self.m}, t={self.t}, loss_weight={self.loss_weight}"
+            f"m={self.m}, t={self.t}, loss_weight={self.loss_weight}, sample_rate={self.sample_rate}"
         )
 
+    def sample_rows(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(used local rows [S] ascending, the weight of each one's terms [S]) for this step.
+
+        Every row in `local_labels` is used with weight 1; of the M other rows, ceil(p * M) are
+        drawn uniformly without replacement, each weighted M / (number drawn).
+        """
+        device = self.weight.device
+        present = torch.zeros(self.num_local_classes, dtype=torch.bool, device=device)
+        present[local_labels] = True
+        num_present = int(present.sum())
+        num_absent = self.num_local_classes - num_present
+        num_drawn = min(num_absent, math.ceil(self.sample_rate * num_absent))
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step)
+        self.sample_step += 1
+        scores = torch.rand(self.num_local_classes, generator=generator, device=device)
+        scores[present] = 2.0  # above any uniform draw: always kept
+        index = scores.topk(num_present + num_drawn, sorted=False).indices.sort().values
+        class_weight = torch.ones(index.numel(), dtype=self.weight.dtype, device=device)
+        if num_drawn:
+            class_weight[~present[index]] = num_absent / num_drawn
+        return index, class_weight
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            self.weight.copy_(F.normalize(self.weight, dim=1))
         gathered, gathered_labels, _ = self.gather_batch(embeddings, labels)
-        cos = upcast(F.linear(F.normalize(gathered, dim=1), self.weight))  # [N, C_local]
         here = (gathered_labels >= self.class_start) & (gathered_labels < self.class_stop)
         rows = here.nonzero().squeeze(1)
-        cols = gathered_labels[rows] - self.class_start
-        return _ShardLoss.apply(
-            cos, self.bias, rows, cols, self.alpha, self.r, self.m, self.t, self.margin,
-            self.loss_weight, self.process_group,
-        )
+        cols = gathered_labels[rows] - self.class_start  # local rows of the true classes
+        index = class_weight = None
+        if self.sample_rate < 1.0:
+            index, class_weight = self.sample_rows(cols)
+        self.last_sampled_rows = index
+        if self.implementation == "fused":
+            negative_terms = chunked.elementwise(
+                _negative_terms, chunked.should_compile(self.compile_elementwise, gathered.device))
+            return _FusedShardLoss.apply(
+                F.normalize(gathered, dim=1), self.weight, self.bias, rows, cols, index, class_weight,
+                self.terms, self.chunk_size, self.process_group, negative_terms,
+            )
+        with torch.no_grad():
+            if index is None:
+                self.weight.copy_(F.normalize(self.weight, dim=1))
+            else:
+                self.weight[index] = F.normalize(self.weight[index], dim=1)
+        if index is None:
+            weight = self.weight
+        else:  # the used rows, with a sparse gradient, as the fused path gives
+            weight = F.embedding(index, self.weight, sparse=True)
+            cols = torch.searchsorted(index, cols)
+        cos = upcast(F.linear(F.normalize(gathered, dim=1), weight))  # [N, S]
+        return _ShardLoss.apply(cos, self.bias, rows, cols, class_weight, self.terms, self.process_group)
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's share: the loss of the global batch (one scalar all-reduce)."""

@@ -1,0 +1,151 @@
+"""What the fused heads share: cutting the local classes into chunks, finding the true classes
+in each chunk, the matmul precision under autocast, and compiling a chunk's elementwise math.
+
+A fused head walks over its (used) class rows in chunks of `chunk_size`: per chunk it forms the
+[N, chunk] cosines, turns them into loss and dL/dcos in place, and folds them into the embedding
+and weight gradients with two more matmuls. Nothing of size [N, C_local] ever exists, and a
+chunk small enough to stay in cache makes the elementwise passes cheap next to the matmuls.
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+IMPLEMENTATIONS = ("fused", "reference")
+
+# Elements of one [N, chunk] tile when chunk_size is left to the head. On a CPU a tile of about
+# 1 MiB of float32 stays in L2 while its elementwise passes run; on a GPU it should be large
+# enough to fill the device (64 MiB) and still small next to the weights.
+_TILE_ELEMENTS = {"cuda": 1 << 24}
+_CPU_TILE_ELEMENTS = 1 << 18
+_MIN_AUTO_CHUNK = 256
+
+
+def check_implementation(implementation: str, chunk_size: int | None) -> None:
+    """ValueError for an unknown implementation or a chunk size that is not a positive integer."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None (chosen from the batch), got {chunk_size!r}")
+
+
+def resolve_chunk_size(chunk_size: int | None, num_rows: int, num_columns: int, device: torch.device) -> int:
+    """Classes per chunk: `chunk_size`, or about a cache-sized (CPU) / device-filling (GPU) tile."""
+    if chunk_size is None:
+        tile = _TILE_ELEMENTS.get(device.type, _CPU_TILE_ELEMENTS)
+        chunk_size = max(_MIN_AUTO_CHUNK, tile // max(1, num_rows))
+    return max(1, min(chunk_size, num_columns))
+
+
+def chunk_bounds(num_columns: int, chunk_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_size, num_columns)) for start in range(0, num_columns, chunk_size)]
+
+
+class PositivesByChunk:
+    """The (row, column) entries of the true classes, grouped by the chunk their column falls in.
+
+    `rows` are positions in the gathered batch, `columns` positions among the columns the head
+    uses this step (sorted or not). `in_chunk(start, stop)` gives the rows, the columns relative
+    to `start`, and the positions of those entries in `order` (to store per-entry values).
+    """
+
+    def __init__(self, rows: torch.Tensor, columns: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
+        columns, order = torch.sort(columns, stable=True)
+        self.order = order  # entry i of a chunk's slices is entry order[i] of the inputs
+        self.rows, self.columns = rows[order], columns
+        starts = torch.tensor([start for start, _ in bounds] + [bounds[-1][1]], device=columns.device)
+        self._cuts = torch.searchsorted(columns, starts).tolist()
+        self._index = {start: i for i, (start, _) in enumerate(bounds)}
+
+    def in_chunk(self, start: int) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        i = self._index[start]
+        part = slice(self._cuts[i], self._cuts[i + 1])
+        return self.rows[part], self.columns[part] - start, part
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matmuls on `device` right now, or None when autocast is off there."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return torch.get_autocast_dtype(device.type)
+    if device.type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device.type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
+def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, with `out` in float32/float64 and a, b possibly in a half type (autocast)."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+def addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b, as `mm_into`."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b))
+
+
+def iter_rows(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of the used rows: a view of `weight`, or a gathered copy when sampling."""
+    return weight[start:stop] if index is None else weight[index[start:stop]]
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def should_compile(compile_elementwise: bool | None, device: torch.device) -> bool:
+    """Auto (None): compile a chunk's elementwise math on CUDA when Triton is installed.
+
+    On a CPU the eager kernels on a cache-sized chunk are already close to the matmul floor,
+    and a compile takes longer than many steps; there, compile only when asked (True).
+    """
+    if compile_elementwise is not None:
+        return bool(compile_elementwise)
+    if device.type != "cuda":
+        return False
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return has_triton()
+
+
+def elementwise(fn: Callable, compiled: bool) -> Callable:
+    """`fn`, or its torch.compile'd version (built once per function, shapes dynamic)."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def take_grads(ctx, names: tuple[str, ...]) -> Iterator[torch.Tensor | None]:
+    """Pop the gradients a fused forward stored on `ctx` (a second backward is an error)."""
+    if not hasattr(ctx, names[0]):
+        raise RuntimeError(
+            "a fused head's backward ran twice (retain_graph=True): its gradients are formed in the "
+            "forward and handed over once; use implementation='reference' to backward more than once"
+        )
+    for name in names:
+        yield getattr(ctx, name)
+        delattr(ctx, name)
+
+
+def scale_grad_(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
+    """grad * grad_loss, in place (the fused head's gradients are its own); skipped for 1 on CPU."""
+    if grad is None:
+        return None
+    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
+        return grad
+    return grad.mul_(grad_loss.to(grad.dtype))

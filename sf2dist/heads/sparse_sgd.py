@@ -1,0 +1,106 @@
+"""SGD with momentum that steps only the rows a sampled head used.
+
+With class sampling (`SphereFace2Head(sample_rate=p < 1)`), a step reads and differentiates
+only the rows it kept, and `weight.grad` is a sparse COO tensor of exactly those rows (summed
+over micro-batches by autograd). `SampledRowsSGD` updates those rows, and nothing else:
+
+    for the rows r in the gradient:  d = grad[r] + weight_decay * w[r]
+                                     buf[r] = momentum * buf[r] + d
+                                     w[r] -= lr * buf[r]
+
+which is torch.optim.SGD (dampening 0, no Nesterov) restricted to the rows. Rows that were
+not sampled keep their weight, and their momentum, untouched: a row's momentum is that of its
+own updates, carried to the next step that samples it (as a Partial FC memory bank keeps it),
+rather than decayed and applied on steps that never looked at the row. So the cost of a step
+falls with the sample rate. Weight decay likewise reaches a row only when it is sampled.
+
+Dense gradients (the shared bias, or a weight when sampling is off) get the ordinary update,
+identical to torch.optim.SGD. The state key is `momentum_buffer`, a tensor shaped like the
+parameter, as torch.optim.SGD's, so checkpoints store and shard it the same way.
+
+torch.optim.SGD itself cannot step a sparse gradient when weight decay is set.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def sgd_rows_(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+) -> None:
+    """One SGD step of `weight[rows]` (in place) from their gradient `grad_rows` [len(rows), D].
+
+    `rows` must hold no duplicates. `momentum_buffer` is shaped like `weight` and is updated
+    at `rows` only (pass None when momentum is 0).
+    """
+    if momentum and momentum_buffer is None:
+        raise ValueError("sgd_rows_: momentum is set but no momentum_buffer was given")
+    if grad_rows.shape != (rows.numel(), *weight.shape[1:]):
+        raise ValueError(
+            f"sgd_rows_: grad_rows has shape {tuple(grad_rows.shape)}, expected "
+            f"{(rows.numel(), *weight.shape[1:])} (one gradient row per entry of rows)"
+        )
+    values = weight[rows]  # [k, D] copy
+    step = grad_rows.add(values, alpha=weight_decay) if weight_decay else grad_rows
+    if momentum:
+        step = momentum_buffer[rows].mul_(momentum).add_(step)
+        momentum_buffer.index_copy_(0, rows, step)
+    weight.index_copy_(0, rows, values.sub_(step, alpha=lr))
+
+
+class SampledRowsSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay; sparse (row) gradients update only their rows.
+
+    Use it for a head trained with class sampling, in place of torch.optim.SGD:
+
+        optimizer = SampledRowsSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        loss = head(embeddings, labels); loss.backward(); optimizer.step()
+
+    Parameter groups work as in torch.optim (e.g. no weight decay for the bias).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
+        if lr < 0.0:
+            raise ValueError(f"learning rate must be non-negative, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                buffer = None
+                if momentum:
+                    state = self.state[param]
+                    if "momentum_buffer" not in state:  # zeros: the first step is buf = d, as in SGD
+                        state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    buffer = state["momentum_buffer"]
+                grad = param.grad
+                if grad.is_sparse:
+                    grad = grad.coalesce()  # micro-batches may have sampled a row twice
+                    sgd_rows_(param, grad.indices()[0], grad.values(), buffer,
+                              lr=lr, momentum=momentum, weight_decay=weight_decay)
+                    continue
+                step = grad.add(param, alpha=weight_decay) if weight_decay else grad
+                if momentum:
+                    step = buffer.mul_(momentum).add_(step)
+                param.add_(step, alpha=-lr)
+        return loss
