@@ -366,9 +366,9 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         fail("data.label_noise", f"must be in [0, 1), got {cfg.data.label_noise}")
     if not 0.0 < cfg.head.sample_rate <= 1.0:
         fail("head.sample_rate", f"must be in (0, 1], got {cfg.head.sample_rate}")
-    if cfg.head.type == "sphereface2" and cfg.head.sample_rate != 1.0:
-        fail("head.sample_rate", f"class sampling is not supported for head.type sphereface2 yet; "
-                                 f"use 1.0 (got {cfg.head.sample_rate})")
+    if cfg.head.type == "sphereface2" and cfg.head.sample_rate != 1.0 and cfg.optim.name != "sgd":
+        fail("head.sample_rate", f"SphereFace2 class sampling ({cfg.head.sample_rate}) steps only the sampled rows "
+                                 f"with a row-sparse SGD; it needs optim.name sgd, not {cfg.optim.name!r}")
     margins = MARGINS[cfg.head.type]
     if cfg.head.margin is not None and cfg.head.margin not in margins:
         fail("head.margin", f"{cfg.head.margin!r} is not a margin of head.type {cfg.head.type}; "

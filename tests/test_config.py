@@ -189,7 +189,7 @@ def test_override_errors_name_the_key_and_the_override(override, fragments):
         (["data.label_noise=-0.1"], ["data.label_noise: must be in [0, 1)"]),
         (["head.type=partial_fc", "head.sample_rate=0"], ["head.sample_rate: must be in (0, 1], got 0.0"]),
         (["head.type=partial_fc", "head.sample_rate=1.5"], ["head.sample_rate: must be in (0, 1], got 1.5"]),
-        (["head.sample_rate=0.1"], ["head.sample_rate: class sampling is not supported for head.type sphereface2"]),
+        (["head.sample_rate=0.1", "optim.name=adamw"], ["head.sample_rate: SphereFace2 class sampling", "needs optim.name sgd"]),
         (["head.margin=arcface"], ["head.margin: 'arcface' is not a margin of head.type sphereface2; "
                                    "expected one of C, A, M"]),
         (["head.type=partial_fc", "head.margin=C"], ["head.margin: 'C' is not a margin of head.type partial_fc; "

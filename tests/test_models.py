@@ -185,7 +185,7 @@ def test_spec_rebuilds_the_same_network(name):
 def test_spec_records_defaults_so_later_default_changes_do_not_change_old_checkpoints():
     assert backbone_spec(create_backbone("smallcnn")) == {
         "name": "smallcnn",
-        "kwargs": {"embedding_dim": 512, "input_size": 112, "width": 16},
+        "kwargs": {"embedding_dim": 512, "input_size": 112, "width": 16, "input_pool": 1},
     }
     assert backbone_spec(create_backbone("iresnet18", dropout=0.2))["kwargs"] == {
         "embedding_dim": 512,

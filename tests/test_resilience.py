@@ -31,13 +31,14 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 def test_sigterm_checkpoints_and_exits_for_requeue(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO]
-    for value in overrides(tiny_data, run_dir, **{"run.max_steps": 100000, "run.log_every": 1}):
+    settings = {"run.max_steps": 100000, "run.log_every": 1, "data.num_workers": 1}
+    for value in overrides(tiny_data, run_dir, **settings):
         args += ["--set", value]
-    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    proc = subprocess.Popen(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: (run_dir / "metrics.csv").exists() and len((run_dir / "metrics.csv").read_text().splitlines()) > 3)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: the whole process group, loader workers included
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

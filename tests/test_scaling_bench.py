@@ -13,7 +13,7 @@ import pytest
 from sf2dist.bench.scaling import COLUMNS, Link, step_collectives
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--methods", "sphereface2,softmax,partial_fc_0.5"]
+QUICK = ["--quick", "--methods", "sphereface2,softmax,partial_fc_0.5,sphereface2_0.5"]
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -30,7 +30,7 @@ def _check_outputs(out_dir: Path, world_sizes: set[int]) -> list[dict]:
     assert {int(r["world_size"]) for r in rows} == world_sizes
     assert (out_dir / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = json.loads((out_dir / "scaling.json").read_text())["points"]
-    assert len(points) == len(rows) == 3 * len(world_sizes)
+    assert len(points) == len(rows) == 4 * len(world_sizes)
     for p in points:
         assert p["kind"] == "measured" and p["step_ms"] > 0 and p["images_per_s"] > 0
         assert p["head_efficiency"] > 0 and p["matmul_ms"] > 0
@@ -47,8 +47,9 @@ def test_quick_mode_on_two_gloo_ranks(tmp_path):
     assert "SphereFace2 / softmax images/s at W=2 (measured)" in out
     points = {p["method"]: p for p in _check_outputs(tmp_path, {2})}
     # SphereFace2's only all-reduce is the shared bias's gradient: 4 bytes, whatever the batch
-    assert points["sphereface2"]["all_reduce_calls"] == 1
-    assert points["sphereface2"]["largest_all_reduce_bytes"] == 4
+    for method in ("sphereface2", "sphereface2_0.5"):  # sampled or not
+        assert points[method]["all_reduce_calls"] == 1
+        assert points[method]["largest_all_reduce_bytes"] == 4
     # the softmax head all-reduces row maxima, then row sums with true-class logits: [2, N] floats
     assert points["softmax"]["all_reduce_calls"] == 2
     assert points["softmax"]["largest_all_reduce_bytes"] == 2 * 2 * 16 * 4

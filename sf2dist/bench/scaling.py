@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from sf2dist import comm
-from sf2dist.heads import PartialFCHead, ShardedHead, SphereFace2Head
+from sf2dist.heads import PartialFCHead, SampledRowsSGD, ShardedHead, SphereFace2Head
 from sf2dist.parallel import class_range
 
-METHODS = ("sphereface2", "softmax", "partial_fc_0.1")
+METHODS = ("sphereface2", "softmax", "partial_fc_0.1", "sphereface2_0.1")
 COLUMNS = (
     "method", "world_size", "kind", "device", "backend", "num_classes", "classes_per_rank",
     "batch_per_rank", "global_batch", "embedding_dim", "step_ms", "images_per_s",
@@ -57,27 +57,39 @@ class BenchSettings:
             raise ValueError(f"need warmup >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
 
 
-def sample_rate_of(method: str) -> float | None:
-    """None for SphereFace2, else the softmax head's class sample rate; a bad name is an error."""
-    if method == "sphereface2":
-        return None
-    if method == "softmax":
-        return 1.0
-    if method.startswith("partial_fc_"):
+def parse_method(method: str) -> tuple[str, float]:
+    """(head, class sample rate) of a method name; a bad name is an error.
+
+    `sphereface2[_<rate>]`: SphereFace2, all classes or a sampled fraction (row-sparse SGD);
+    `softmax`: the sharded softmax over all classes; `partial_fc_<rate>`: Partial FC.
+    """
+    head, _, rate_text = method.partition("_fc_") if method.startswith("partial_fc_") else method.partition("_")
+    head = "partial_fc" if method.startswith("partial_fc_") else head
+    if (head, rate_text) in (("sphereface2", ""), ("softmax", "")):
+        return head, 1.0
+    if head in ("sphereface2", "partial_fc") and rate_text:
         try:
-            rate = float(method.removeprefix("partial_fc_"))
+            rate = float(rate_text)
         except ValueError:
             rate = -1.0
         if 0.0 < rate <= 1.0:
-            return rate
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS} or partial_fc_<rate in (0, 1]>")
+            return head, rate
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}, sphereface2_<rate> or "
+                     f"partial_fc_<rate> with a rate in (0, 1]")
 
 
 def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
-    rate = sample_rate_of(method)
-    if rate is None:
-        return SphereFace2Head(settings.num_classes, settings.embedding_dim, process_group=group)
+    head, rate = parse_method(method)
+    if head == "sphereface2":
+        return SphereFace2Head(settings.num_classes, settings.embedding_dim, sample_rate=rate, process_group=group)
     return PartialFCHead(settings.num_classes, settings.embedding_dim, sample_rate=rate, process_group=group)
+
+
+def make_optimizer(head: ShardedHead) -> torch.optim.Optimizer:
+    """What training uses: SGD with momentum, row-sparse for sampled SphereFace2."""
+    if isinstance(head, SphereFace2Head) and head.sample_rate < 1.0:
+        return SampledRowsSGD(head.parameters(), lr=0.01, momentum=0.9)
+    return torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +126,7 @@ def _time_steps(head, settings, device, num_steps, barrier=True):
     embeddings = embeddings.to(device).requires_grad_(True)
     label_batches = [torch.randint(0, settings.num_classes, (settings.batch_per_rank,), generator=generator).to(device)
                      for _ in range(4)]
-    optimizer = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
+    optimizer = make_optimizer(head)
     times, step_stats, columns = [], [], head.num_local_classes
     for step in range(settings.warmup + num_steps):
         if barrier:
@@ -133,6 +145,8 @@ def _time_steps(head, settings, device, num_steps, barrier=True):
             step_stats.append(comm.stats.snapshot())
             if isinstance(head, PartialFCHead):
                 columns = head.last_sampled_classes.numel()
+            elif head.sample_rate < 1.0:
+                columns = head.last_sampled_rows.numel()
     return statistics.median(times), step_stats, columns
 
 
@@ -227,7 +241,7 @@ def step_collectives(method: str, world: int, batch_per_rank: int, dim: int, ele
         return []
     rows = world * batch_per_rank
     calls = [("all_gather", 8 * world), ("all_gather", rows * dim * elem_bytes), ("all_gather", rows * 8)]
-    if method == "sphereface2":
+    if method.startswith("sphereface2"):
         calls.append(("all_reduce", elem_bytes))  # the shared bias's gradient
     else:
         calls += [("all_reduce", rows * elem_bytes), ("all_reduce", 2 * rows * elem_bytes)]

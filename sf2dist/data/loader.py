@@ -31,6 +31,7 @@ import bisect
 import itertools
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -227,6 +228,14 @@ class _StepSampler(Sampler):
         return self.batches_per_epoch - self.start_step
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM signals the whole process group; a worker that died of SIGTERM/SIGUSR1 would take
+    the rank down before it could checkpoint. The trainer handles them; the main process
+    shuts its workers down when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardLoader:
     """Iterable over one rank's (images, labels) batches of the current epoch.
 
@@ -247,6 +256,7 @@ class ShardLoader:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals,
         )
 
     @property

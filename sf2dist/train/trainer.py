@@ -22,7 +22,7 @@ from sf2dist import comm, parallel
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
 from sf2dist.eval import ExtractOptions, evaluate_benchmark
-from sf2dist.heads import PartialFCHead, SphereFace2Head
+from sf2dist.heads import PartialFCHead, SampledRowsSGD, SphereFace2Head
 from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
@@ -58,7 +58,7 @@ def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
     optional = {k: v for k, v in (("margin", h.margin), ("m", h.m)) if v is not None}
     if h.type == "sphereface2":
         return SphereFace2Head(num_classes, cfg.model.embedding_dim, alpha=h.alpha, r=h.r, t=h.t,
-                               loss_weight=h.loss_weight, seed=cfg.run.seed, **optional)
+                               loss_weight=h.loss_weight, sample_rate=h.sample_rate, seed=cfg.run.seed, **optional)
     return PartialFCHead(num_classes, cfg.model.embedding_dim, s=h.s, sample_rate=h.sample_rate,
                          seed=cfg.run.seed, **optional)
 
@@ -97,7 +97,13 @@ class Trainer:
         # softmax head returns the whole global loss on every rank.
         self.loss_shares = isinstance(self.head, SphereFace2Head)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-        self.head_optimizer = optim.make_optimizer(optim.head_param_groups(self.head, cfg.optim), cfg.optim, self.head_lr)
+        groups = optim.head_param_groups(self.head, cfg.optim)
+        if isinstance(self.head, SphereFace2Head) and cfg.head.sample_rate < 1.0:
+            # sampled SphereFace2: only the sampled rows (sparse gradient) are read and updated
+            self.head_optimizer = SampledRowsSGD(groups, lr=self.head_lr, momentum=cfg.optim.momentum,
+                                                 weight_decay=cfg.optim.weight_decay)
+        else:
+            self.head_optimizer = optim.make_optimizer(groups, cfg.optim, self.head_lr)
         self.loss_scale = optim.LossScale(cfg.engine.precision == "fp16")
         accumulation = cfg.optim.accumulation_steps
         self.total_steps = cfg.run.max_steps or (cfg.run.epochs * self.loader.batches_per_epoch) // accumulation
@@ -297,6 +303,8 @@ class Trainer:
             saved_global, global_batch = saved.world_size * saved.batch_size, self.world_size * self.cfg.data.batch_size
             epoch, in_epoch = divmod(saved.micro_batches, math.ceil(num_samples / saved_global))
             micro_batches = epoch * self.loader.batches_per_epoch + (in_epoch * saved_global) // global_batch
+        if isinstance(self.head, SphereFace2Head):
+            self.head.sample_step = micro_batches  # one draw per micro-batch: the same draws as before
         self.state = checkpoint.TrainerState(step=saved.step, micro_batches=micro_batches, world_size=self.world_size,
                                              batch_size=self.cfg.data.batch_size, skipped_steps=saved.skipped_steps)
         if self.rank == 0:
