@@ -129,3 +129,16 @@ def test_k_bad_steps_in_a_row_stop_the_run_with_the_step(tiny_data, tmp_path):
     ranks = run_on_ranks(_nan_worker, 2, str(tiny_data), str(tmp_path / "run"), [1, 2, 3, 4], 3)
     for r in ranks:
         assert "3 consecutive steps had a non-finite loss or gradient, the last at step 3" in r["error"]
+
+
+def test_a_checkpoint_of_another_model_is_refused_with_what_differs(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    settings = overrides(tiny_data, run_dir, **{"run.max_steps": 2, "eval.benchmarks": "[]"})
+    train = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO]
+    subprocess.run([*train, *[a for v in settings for a in ("--set", v)]], cwd=ROOT, check=True, capture_output=True)
+    other = settings + ["model.embedding_dim=64", "head.type=partial_fc"]
+    proc = subprocess.run([*train, *[a for v in other for a in ("--set", v)]], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "belongs to another model" in proc.stderr
+    assert "embedding_dim" in proc.stderr and "SphereFace2Head" in proc.stderr and "PartialFCHead" in proc.stderr
+    assert len(checkpoint.checkpoint_dirs(run_dir)) == 1  # nothing of the saved run was touched
