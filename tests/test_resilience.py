@@ -136,7 +136,7 @@ def test_a_checkpoint_of_another_model_is_refused_with_what_differs(tiny_data, t
     settings = overrides(tiny_data, run_dir, **{"run.max_steps": 2, "eval.benchmarks": "[]"})
     train = [sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO]
     subprocess.run([*train, *[a for v in settings for a in ("--set", v)]], cwd=ROOT, check=True, capture_output=True)
-    other = settings + ["model.embedding_dim=64", "head.type=partial_fc"]
+    other = settings + ["model.embedding_dim=64", "head.type=partial_fc", "head.margin=cosface", "head.m=null"]
     proc = subprocess.run([*train, *[a for v in other for a in ("--set", v)]], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "belongs to another model" in proc.stderr
