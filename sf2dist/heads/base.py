@@ -26,15 +26,20 @@ _INIT_BLOCK = 4096
 
 
 def init_class_rows(start: int, stop: int, embedding_dim: int, seed: int) -> torch.Tensor:
-    """Unit-norm Gaussian rows for global classes [start, stop), identical for any sharding."""
-    rows = []
+    """Unit-norm Gaussian rows for global classes [start, stop), identical for any sharding.
+
+    Written block by block into one tensor, so that building a shard of a million classes
+    never holds more than the shard plus one block (no concatenated or normalised copy).
+    """
+    rows = torch.empty(stop - start, embedding_dim)
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
         values = torch.randn(_INIT_BLOCK, embedding_dim, generator=generator)
-        lo = max(start, block * _INIT_BLOCK) - block * _INIT_BLOCK
-        hi = min(stop, (block + 1) * _INIT_BLOCK) - block * _INIT_BLOCK
-        rows.append(values[lo:hi])
-    return F.normalize(torch.cat(rows), dim=1)
+        lo = max(start, block * _INIT_BLOCK)
+        hi = min(stop, (block + 1) * _INIT_BLOCK)
+        local = values[lo - block * _INIT_BLOCK:hi - block * _INIT_BLOCK]
+        rows[lo - start:hi - start] = F.normalize(local, dim=1)
+    return rows
 
 
 def upcast(cos: torch.Tensor) -> torch.Tensor:
