@@ -74,7 +74,7 @@ def forward_backward(engine, head, images, labels, accumulation: int) -> torch.T
     for micro, (x, y) in enumerate(zip(images.chunk(accumulation), labels.chunk(accumulation))):
         last = micro == accumulation - 1
         with contextlib.nullcontext() if last else engine.no_sync():
-            # as the trainer does: the head takes float32 embeddings (bf16 from a bf16 engine)
+            # as the trainer does: the head takes float32 embeddings
             loss = head(engine(x).float(), y) / accumulation
             engine.backward(loss * LOSS_SCALE)
         loss_share += loss.detach()

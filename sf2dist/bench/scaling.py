@@ -63,17 +63,16 @@ def parse_method(method: str) -> tuple[str, float]:
     `sphereface2[_<rate>]`: SphereFace2, all classes or a sampled fraction (row-sparse SGD);
     `softmax`: the sharded softmax over all classes; `partial_fc_<rate>`: Partial FC.
     """
-    head, _, rate_text = method.partition("_fc_") if method.startswith("partial_fc_") else method.partition("_")
-    head = "partial_fc" if method.startswith("partial_fc_") else head
-    if (head, rate_text) in (("sphereface2", ""), ("softmax", "")):
-        return head, 1.0
-    if head in ("sphereface2", "partial_fc") and rate_text:
-        try:
-            rate = float(rate_text)
-        except ValueError:
-            rate = -1.0
-        if 0.0 < rate <= 1.0:
-            return head, rate
+    if method in ("sphereface2", "softmax"):
+        return method, 1.0
+    for head in ("sphereface2", "partial_fc"):
+        if method.startswith(head + "_"):
+            try:
+                rate = float(method.removeprefix(head + "_"))
+            except ValueError:
+                break
+            if 0.0 < rate <= 1.0:
+                return head, rate
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}, sphereface2_<rate> or "
                      f"partial_fc_<rate> with a rate in (0, 1]")
 

@@ -74,15 +74,13 @@ def extract_embeddings(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    # a model kept in bf16 (DeepSpeed's bf16 mode) takes bf16 images
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     chunks = []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in loader:
-                batch = batch.to(device, dtype=dtype, non_blocking=True)  # [b, 3, H, W]
+                batch = batch.to(device, non_blocking=True)  # [b, 3, H, W]
                 inputs = torch.cat([batch, batch.flip(3)]) if flip else batch
                 outputs = model(inputs)
                 if not isinstance(outputs, torch.Tensor) or outputs.ndim != 2 or outputs.shape[0] != len(inputs):

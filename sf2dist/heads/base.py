@@ -142,6 +142,12 @@ class ShardedHead(nn.Module):
         """The loss of the whole global batch, for logging (detached; same value on every rank)."""
         return loss.detach()
 
+    def loss_share(self, loss: torch.Tensor) -> torch.Tensor:
+        """This rank's additive part of the global loss (detached): summed over the ranks it is
+        the global loss, so a trainer can fold it into an all-reduce it makes anyway. Here
+        `forward` returns the whole global loss on every rank."""
+        return loss.detach() / self.world_size
+
     def full_weight(self) -> torch.Tensor:
         """Every rank's rows concatenated in class order (for tests and small models only)."""
         sizes = [class_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]

@@ -357,6 +357,10 @@ class SphereFace2Head(ShardedHead):
         cos = upcast(F.linear(F.normalize(gathered, dim=1), weight))  # [N, S]
         return _ShardLoss.apply(cos, self.bias, rows, cols, class_weight, self.terms, self.process_group)
 
+    def loss_share(self, loss: torch.Tensor) -> torch.Tensor:
+        """`forward` already returns this rank's share (see the module docstring)."""
+        return loss.detach()
+
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's share: the loss of the global batch (one scalar all-reduce)."""
         return comm.all_reduce(loss.detach().clone(), "sum", self.process_group)

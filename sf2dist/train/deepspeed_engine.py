@@ -100,12 +100,9 @@ class DeepSpeedEngine:
         assert isinstance(self.engine.optimizer, DeepSpeedZeroOptimizer), type(self.engine.optimizer)
         self.module = self.engine.module  # the same nn.Module, its parameters now views of ZeRO's flat buffers
         self.device = device
-        self._param_dtype = next(self.module.parameters()).dtype
         self.engine.set_gradient_accumulation_boundary(True)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.is_floating_point() and images.dtype != self._param_dtype:
-            images = images.to(self._param_dtype)  # bf16/fp16 weights need inputs of their dtype
         return self.engine(images)
 
     @contextlib.contextmanager

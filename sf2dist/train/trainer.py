@@ -43,16 +43,6 @@ class Preempted(Exception):
     """A stop signal arrived; every rank finished its step and the checkpoint is written."""
 
 
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("engine.device=cuda, but torch sees no CUDA device (use cpu or auto)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
     h = cfg.head
     optional = {k: v for k, v in (("margin", h.margin), ("m", h.m)) if v is not None}
@@ -69,11 +59,12 @@ class Trainer:
             raise ValueError("data.train is empty: set it to a shard directory (with manifest.json), "
                              "e.g. --set data.train=data/demo/train")
         self.cfg = cfg
-        local = parallel.discover()
-        self.device = pick_device(cfg.engine.device, local.local_rank)
+        if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("engine.device=cuda, but torch sees no CUDA device (use cpu or auto)")
+        device = None if cfg.engine.device == "auto" else cfg.engine.device  # None: CUDA when there is one
+        self.info, self.device = parallel.init_distributed(device, timeout_s=cfg.run.timeout_s)
         if cfg.engine.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("engine.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        self.info, self.device = parallel.init_distributed(self.device.type, timeout_s=cfg.run.timeout_s)
         self.rank, self.world_size = self.info.rank, self.info.world_size
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed + self.rank)
@@ -93,9 +84,6 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = make_engine(backbone, cfg, self.device, self.world_size)
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
-        # SphereFace2 returns each rank's share of the loss (the global loss is their sum); the
-        # softmax head returns the whole global loss on every rank.
-        self.loss_shares = isinstance(self.head, SphereFace2Head)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
         if isinstance(self.head, SphereFace2Head) and cfg.head.sample_rate < 1.0:
@@ -217,7 +205,7 @@ class Trainer:
                     embeddings = self.engine(images)
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
-            loss_share += loss.detach() if self.loss_shares else loss.detach() / self.world_size
+            loss_share += self.head.loss_share(loss)
         norm, loss, stop = optim.global_grad_norm_and_loss(
             self.engine.grad_sq_norm(), self.head, loss_share, flag=self.stop_requested)
         self.stop_everywhere = stop
