@@ -79,6 +79,7 @@ def test_two_process_run_through_launch(tiny_data, tmp_path):
         ("data.batch_size=many", "data.batch_size"),
         ("head.type=arcface", "head.type"),
         ("data.num_classes=41", "does not match the 40 classes"),
+        ("eval.benchmarks=[/nonexistent/lfw.bin]", "eval.benchmarks: /nonexistent/lfw.bin not found"),
     ],
 )
 def test_config_errors_name_the_key(tiny_data, tmp_path, setting, message):

@@ -58,6 +58,9 @@ class Trainer:
         if not cfg.data.train:
             raise ValueError("data.train is empty: set it to a shard directory (with manifest.json), "
                              "e.g. --set data.train=data/demo/train")
+        missing = [path for path in cfg.eval.benchmarks if not Path(path).exists()]
+        if missing:  # found now, not after the last step of a long run
+            raise ValueError(f"eval.benchmarks: {', '.join(map(str, missing))} not found")
         self.cfg = cfg
         if cfg.engine.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("engine.device=cuda, but torch sees no CUDA device (use cpu or auto)")
@@ -162,12 +165,13 @@ class Trainer:
                 if self.log is not None:
                     self.log.train(row)
                 window_start, window_steps = time.perf_counter(), 0
+            # the checkpoint first: an evaluation that fails loses no training
+            if (cfg.run.checkpoint_every and self.state.step % cfg.run.checkpoint_every == 0) or last:
+                self.save_checkpoint()
             final = self.state.step == self.total_steps and not self.stop_everywhere
             if cfg.eval.benchmarks and ((cfg.run.eval_every and self.state.step % cfg.run.eval_every == 0) or final):
                 results = self.evaluate()
                 self.engine.train()
-            if (cfg.run.checkpoint_every and self.state.step % cfg.run.checkpoint_every == 0) or last:
-                self.save_checkpoint()
             if self.stop_everywhere:
                 if self.rank == 0:
                     tqdm.write(f"stop signal: checkpoint written at step {self.state.step}; exiting for a requeue")
