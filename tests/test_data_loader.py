@@ -11,7 +11,7 @@ import torch
 from sf2dist.data import make_loader, read_manifest
 from sf2dist.data.loader import EpochBatches, EpochOrder, ShardLoader
 from sf2dist.data.shards import load_index
-from sf2dist.imageio import decode_image, to_tensor
+from sf2dist.imageio import decode_image, normalize_batch, to_tensor
 from tests.data_helpers import write_shard_dir
 
 SIZE = 16
@@ -94,7 +94,7 @@ def test_worker_processes_build_the_batches(shard_dir):
         batches = ProcessTaggedBatches(read_manifest(shard_dir), batch_size=4, rank=rank, world_size=2, seed=7,
                                        flip=False, label_noise=0.0)
         loader = ShardLoader(batches, epoch=0, start_step=0, num_workers=2, pin_memory=False, prefetch_factor=2)
-        tagged = list(loader)
+        tagged = list(loader.uint8_batches())
         builders = {pid for _, _, pid in tagged}
         assert len(builders) == 2 and os.getpid() not in builders  # two real worker processes
         assert [labels.tolist() for _, labels, _ in tagged] == [labels.tolist() for _, labels in reference[rank]]
@@ -197,3 +197,46 @@ def test_label_noise_replaces_the_given_fraction_with_other_classes(tmp_path):
 def test_epoch_order_is_a_permutation(n):
     order = EpochOrder(n, seed=5, epoch=2)(np.arange(n))
     assert sorted(order.tolist()) == list(range(n))
+
+
+def test_workers_ship_uint8_and_the_loader_normalises_whole_batches(shard_dir):
+    loader = make_loader(shard_dir, batch_size=4, rank=0, world_size=1, num_workers=2, seed=7)
+    raw = list(loader.uint8_batches())
+    normalised = list(loader)
+    assert len(raw) == len(normalised) == loader.batches_per_epoch
+    for (pixels, labels), (images, labels_again) in zip(raw, normalised):
+        assert pixels.dtype == torch.uint8 and pixels.shape == (4, SIZE, SIZE, 3)
+        assert images.dtype == torch.float32 and images.shape == (4, 3, SIZE, SIZE) and images.is_contiguous()
+        assert torch.equal(labels, labels_again)
+        assert torch.equal(images, torch.stack([to_tensor(p.numpy()) for p in pixels]))
+    assert -1.0 <= float(images.min()) and float(images.max()) <= 1.0
+
+
+def test_normalize_batch_refuses_what_is_not_a_uint8_rgb_batch():
+    with pytest.raises(ValueError, match=r"expected uint8 images \[b, H, W, 3\], got torch.float32"):
+        normalize_batch(torch.zeros(2, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"got torch.uint8 \(2, 3, 8, 8\)"):
+        normalize_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("encode", ["jpeg", "png"])
+def test_decoding_into_a_buffer_gives_the_same_pixels(encode):
+    import io
+
+    from PIL import Image
+
+    from sf2dist.imageio import encode_jpeg
+
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    if encode == "jpeg":
+        data = encode_jpeg(image)
+    else:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        data = buffer.getvalue()
+    out = np.zeros((SIZE, SIZE, 3), dtype=np.uint8)
+    assert decode_image(data, out) is out
+    assert np.array_equal(out, decode_image(data))
+    wrong = np.zeros((SIZE, SIZE + 1, 3), dtype=np.uint8)
+    other = decode_image(data, wrong)  # another shape: a new array, the buffer untouched
+    assert other.shape == (SIZE, SIZE, 3) and not wrong.any()

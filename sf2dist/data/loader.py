@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sf2dist.data.shards import Manifest, load_index, read_manifest
-from sf2dist.imageio import ImageDecodeError, decode_image
+from sf2dist.imageio import ImageDecodeError, decode_image, normalize_batch
 
 _MASK64 = (1 << 64) - 1
 _FEISTEL_ROUNDS = 6
@@ -97,7 +97,12 @@ class EpochOrder:
 
 
 class EpochBatches(Dataset):
-    """One rank's batches: `self[(epoch, step)]` -> (images float32 [b, 3, H, W], labels int64 [b])."""
+    """One rank's batches: `self[(epoch, step)]` -> (images uint8 [b, H, W, 3], labels int64 [b]).
+
+    The images are decoded and flipped but not normalised: workers hand uint8 to the main
+    process (a quarter of the shared-memory and host-to-device traffic of float32), and
+    `ShardLoader` normalises whole batches where they are used (`sf2dist.imageio.normalize_batch`).
+    """
 
     def __init__(
         self,
@@ -151,16 +156,15 @@ class EpochBatches(Dataset):
             flips = np.zeros(len(ids), dtype=bool)
         # numpy's allocator reuses (or maps huge pages for) big buffers where torch's maps
         # fresh pages for every batch; on VMs those page faults cost nearly as much as decoding
-        pixels = np.empty((len(ids), 3, height, width), dtype=np.float32)
+        pixels = np.empty((len(ids), height, width, 3), dtype=np.uint8)
         images = torch.from_numpy(pixels)  # the same memory
         for i, sample_id in enumerate(ids.tolist()):
-            image, ids[i] = self._decode(sample_id)
-            # sf2dist.imageio.to_tensor's arithmetic, written straight into the batch while the
-            # image is in cache: one strided copy flips, transposes and converts to float, so
-            # no per-image temporaries (they cost a third of the decode time on 112x112 faces).
-            # A test pins the result to to_tensor's, bit for bit.
-            np.copyto(pixels[i], (image[:, ::-1] if flips[i] else image).transpose(2, 0, 1))
-            images[i].sub_(127.5).div_(127.5)
+            if flips[i]:
+                image, ids[i] = self._decode(sample_id)
+                # torch's flip: numpy's reversed-stride copy of 3-byte pixels costs 6x as much
+                images[i] = torch.from_numpy(image).flip(1)
+            else:
+                _, ids[i] = self._decode(sample_id, out=pixels[i])  # decoded in place
         return images, torch.from_numpy(self.labels_of(ids))
 
     def _locate(self, sample_id: int) -> tuple[int, int, int, int]:
@@ -179,8 +183,11 @@ class EpochBatches(Dataset):
             self._fds[shard] = os.open(path, os.O_RDONLY)
         return os.pread(self._fds[shard], size, offset)
 
-    def _decode(self, sample_id: int) -> tuple[np.ndarray, int]:
-        """The decoded image of a sample, or of the next decodable one: (image, its id)."""
+    def _decode(self, sample_id: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """The decoded image of a sample, or of the next decodable one: (image, its id).
+
+        With `out` the image is decoded into it (and `out` returned).
+        """
         expected = (*self.manifest.image_size, 3)
         for attempt in range(_MAX_SUBSTITUTES):
             candidate = (sample_id + attempt) % self.num_samples
@@ -189,7 +196,7 @@ class EpochBatches(Dataset):
             try:
                 if len(data) != size:
                     raise ImageDecodeError(f"shard ends after {len(data)} of {size} bytes")
-                image = decode_image(data)
+                image = decode_image(data, out)
                 if image.shape != expected:
                     raise ImageDecodeError(f"image shape {image.shape}, manifest says {expected}")
                 return image, candidate
@@ -239,13 +246,17 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class ShardLoader:
     """Iterable over one rank's (images, labels) batches of the current epoch.
 
+    Images are float32 [b, 3, H, W] in [-1, 1] and labels int64 [b], both on `device`
+    (CPU when None). The workers decode and flip into uint8 batches; the normalisation runs
+    on `device` after the transfer (`uint8_batches` yields what the workers produce).
     `len(loader)` is the number of batches the next iteration yields (from `start_step` to
     the end of the epoch), equal on every rank; `batches_per_epoch` is the full count.
     """
 
     def __init__(self, batches: EpochBatches, *, epoch: int, start_step: int, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int):
+                 pin_memory: bool, prefetch_factor: int, device: torch.device | str | None = None):
         self.batches = batches
+        self.device = torch.device(device or "cpu")
         self._sampler = _StepSampler(batches.batches_per_epoch)
         self.set_epoch(epoch, start_step)
         self._loader = DataLoader(
@@ -290,8 +301,14 @@ class ShardLoader:
     def __len__(self) -> int:
         return len(self._sampler)
 
-    def __iter__(self):
+    def uint8_batches(self):
+        """The current epoch's (images uint8 [b, H, W, 3], labels) as the workers produce them."""
         return iter(self._loader)
+
+    def __iter__(self):
+        for images, labels in self._loader:
+            images = images.to(self.device, non_blocking=True)
+            yield normalize_batch(images), labels.to(self.device, non_blocking=True)
 
 
 def make_loader(
@@ -309,10 +326,11 @@ def make_loader(
     start_step: int = 0,
     pin_memory: bool = False,
     prefetch_factor: int = 2,
+    device: torch.device | str | None = None,
 ) -> ShardLoader:
     """The loader of rank `rank` out of `world_size` for the shards in `shard_dir`.
 
-    `batch_size` is per rank. `num_classes`, when given, must equal the manifest's (the
+    `batch_size` is per rank; batches arrive normalised on `device` (CPU when None). `num_classes`, when given, must equal the manifest's (the
     head is sized from it). `label_noise` is the fraction of samples whose label is
     replaced by a different, uniformly drawn class.
     """
@@ -339,5 +357,5 @@ def make_loader(
     )
     return ShardLoader(
         batches, epoch=epoch, start_step=start_step, num_workers=num_workers,
-        pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory, prefetch_factor=prefetch_factor, device=device,
     )

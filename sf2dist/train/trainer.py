@@ -77,6 +77,7 @@ class Trainer:
             cfg.data.train, batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, num_classes=cfg.data.num_classes,
             flip=cfg.data.flip, label_noise=cfg.data.label_noise, pin_memory=self.device.type == "cuda",
+            device=self.device,
         )
         height, width = self.loader.manifest.image_size
         if height != width:
@@ -184,8 +185,7 @@ class Trainer:
         epoch, step_in_epoch = divmod(self.state.micro_batches, per_epoch)
         while True:
             self.loader.set_epoch(epoch, step_in_epoch)
-            for images, labels in self.loader:
-                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            yield from self.loader
             epoch, step_in_epoch = epoch + 1, 0
 
     def _autocast(self):
