@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--methods", default=",".join(scaling.METHODS), help="comma-separated: " + ", ".join(scaling.METHODS))
+    p.add_argument("--memory-classes", type=int, default=None,
+                   help=f"the head-memory table: classes on one rank (default {FULL_CLASSES:,}; --quick 20,000; 0 skips it)")
     p.add_argument("--world-sizes", default=None, help="comma-separated (default: 1, 2, 4, ... up to the GPUs or cores here)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--quick", action="store_true", help="tiny shapes for a smoke test (2,000 classes, 32-d, 16 images/rank)")
@@ -109,6 +111,43 @@ def spawn_point(method: str, settings, world: int, device: torch.device) -> dict
         return json.loads(out.read_text())
 
 
+def measure_memory(args, settings, device: torch.device) -> list[dict]:
+    """Peak memory of one rank's head at --memory-classes local classes, for MEMORY_METHODS."""
+    classes = args.memory_classes if args.memory_classes is not None else (20_000 if args.quick else FULL_CLASSES)
+    if classes == 0:
+        return []
+    memory_settings = scaling.BenchSettings(classes, settings.embedding_dim, settings.batch_per_rank,
+                                            warmup=1, steps=2, threads_per_rank=settings.threads_per_rank)
+    rows = []
+    for method in scaling.MEMORY_METHODS:
+        point = spawn_point(method, memory_settings, 1, device)
+        rows.append(scaling.memory_row(point))
+        print(f"memory {method}, {classes:,} classes: peak {rows[-1]['peak_mib']:,.0f} MiB", flush=True)
+    return rows
+
+
+def report_memory(rows: list[dict], args, device: torch.device) -> None:
+    if not rows:
+        return
+    table = scaling.memory_table(rows)
+    print(table)
+    where = "GPU memory allocated by torch" if device.type == "cuda" else "resident memory (RSS) of the process"
+    text = "\n\n".join([
+        "## Head memory at a million local classes (`make scaling-bench`)",
+        f"One rank (W=1) holding {rows[0]['classes_per_rank']:,} classes, {args.embedding_dim}-d, "
+        f"{rows[0]['global_batch']} images per step, SGD with momentum; peak {where} during the head's "
+        f"forward, backward and optimizer step, above what the process held before the head was built. "
+        f"Measured on {machine_description()}.",
+        table,
+        "Weights + momentum is the floor any SGD-with-momentum head needs. With the separate step the "
+        "[C, D] weight gradient comes on top of it; the fused step forms each chunk's row gradient and steps "
+        "those rows at once (`head.step: fused`), and bfloat16 storage halves the rest (`head.storage: bfloat16`).",
+    ])
+    if args.docs is not None:
+        write_section(args.docs, "head-memory", text)
+        print(f"wrote the head-memory section of {args.docs}")
+
+
 def report(points: list[dict], settings, args, note: str) -> None:
     paths = scaling.write_outputs(points, args.out_dir, settings, note)
     print(scaling.markdown_table(points))
@@ -116,6 +155,8 @@ def report(points: list[dict], settings, args, note: str) -> None:
         print(f"SphereFace2 / softmax images/s at W={world} ({kind}): {ratio:.2f}x")
     for (world, kind), ratio in sorted(scaling.throughput_ratios(points, "sphereface2_0.1", "partial_fc_0.1").items()):
         print(f"SphereFace2 at 0.1 / Partial FC 0.1 images/s at W={world} ({kind}): {ratio:.2f}x")
+    for (world, kind), ratio in sorted(scaling.throughput_ratios(points, "sphereface2_fstep", "softmax").items()):
+        print(f"SphereFace2 with the fused step / softmax images/s at W={world} ({kind}): {ratio:.2f}x")
     print(note)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.docs is not None:
@@ -126,11 +167,16 @@ def report(points: list[dict], settings, args, note: str) -> None:
                            for (w, kind), r in sorted(scaling.throughput_ratios(points).items()))
         sampled = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x" for (w, kind), r in
                             sorted(scaling.throughput_ratios(points, "sphereface2_0.1", "partial_fc_0.1").items()))
+        fused = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x" for (w, kind), r in
+                          sorted(scaling.throughput_ratios(points, "sphereface2_fstep", "softmax").items()))
         write_section(args.docs, "scaling", "\n\n".join([
             "## Classifier-layer scaling (`make scaling-bench`)",
             note, scaling.markdown_table(points),
             f"SphereFace2 / softmax images/s: {ratios}."
+            + (f" SphereFace2 with the fused step / softmax: {fused}." if fused else "")
             + (f" SphereFace2 at sample rate 0.1 / Partial FC 0.1: {sampled}." if sampled else ""),
+            "sphereface2_fstep is SphereFace2 with its SGD step fused into the forward (`head.step: fused`); "
+            "the other methods run the head's optimizer step after the backward.",
             "Head efficiency = step time / the time of the step's three matmuls (cos, dE, dW) alone at the same "
             "shapes. The fused softmax needs a fourth (the logits again, after the all-reduced normaliser), so "
             "its floor is 4/3 of this one.",
@@ -199,6 +245,7 @@ def main(argv=None) -> None:
                  f"with {args.intra_gbs} GB/s / {args.intra_latency_us} us within {args.ranks_per_node} ranks and "
                  f"{args.inter_gbs} GB/s / {args.inter_latency_us} us beyond (given on the command line).")
     report(points, settings, args, note)
+    report_memory(measure_memory(args, settings, device), args, device)
 
 
 if __name__ == "__main__":

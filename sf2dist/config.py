@@ -76,6 +76,13 @@ class HeadConfig:
     loss_weight: float = 10.0
     s: float = 64.0  # partial_fc scale
     sample_rate: float = 1.0  # in (0, 1]
+    # sphereface2: "fused" steps the class rows inside the head's forward, chunk by chunk, so the
+    # [C, D] weight gradient never exists (SGD only, no accumulation; the rows are left out of
+    # gradient clipping); "separate" runs the head's optimizer after the backward
+    step: str = field(default="separate", metadata=_choices("separate", "fused"))
+    # the dtype the class rows (and their momentum) are kept in; the math is float32 either way.
+    # bfloat16 needs step fused (stochastic rounding of the row updates)
+    storage: str = field(default="float32", metadata=_choices("float32", "bfloat16"))
 
 
 @dataclass
@@ -369,6 +376,19 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     if cfg.head.type == "sphereface2" and cfg.head.sample_rate != 1.0 and cfg.optim.name != "sgd":
         fail("head.sample_rate", f"SphereFace2 class sampling ({cfg.head.sample_rate}) steps only the sampled rows "
                                  f"with a row-sparse SGD; it needs optim.name sgd, not {cfg.optim.name!r}")
+    if cfg.head.step == "fused":
+        if cfg.head.type != "sphereface2":
+            fail("head.step", "fused steps the rows of a SphereFace2 head inside its forward; the softmax head "
+                              "needs the global normaliser first (use separate)")
+        if cfg.optim.name != "sgd":
+            fail("head.step", f"fused is an SGD step; it needs optim.name sgd, not {cfg.optim.name!r}")
+        if cfg.optim.accumulation_steps != 1:
+            fail("head.step", f"fused steps the rows at every forward, so it cannot accumulate "
+                              f"{cfg.optim.accumulation_steps} micro-batches; set optim.accumulation_steps 1 or "
+                              f"head.step separate")
+    if cfg.head.storage == "bfloat16" and cfg.head.step != "fused":
+        fail("head.storage", "bfloat16 rows are updated in float32 and stochastically rounded by the fused step; "
+                             "set head.step fused as well")
     margins = MARGINS[cfg.head.type]
     if cfg.head.margin is not None and cfg.head.margin not in margins:
         fail("head.margin", f"{cfg.head.margin!r} is not a margin of head.type {cfg.head.type}; "

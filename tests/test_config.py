@@ -203,6 +203,11 @@ def test_override_errors_name_the_key_and_the_override(override, fragments):
         (["engine.device=cpu", "engine.precision=fp16"],
          ["engine.precision: fp16 is not available with engine.device cpu", "no fp16 matrix multiply"]),
         (["model.kwargs.embedding_dim=64"], ["model.kwargs: must not hold embedding_dim"]),
+        (["head.type=partial_fc", "head.step=fused"], ["head.step: fused steps the rows of a SphereFace2 head"]),
+        (["head.step=fused", "optim.name=adamw"], ["head.step: fused is an SGD step; it needs optim.name sgd"]),
+        (["head.step=fused", "optim.accumulation_steps=2"], ["head.step: fused", "cannot accumulate 2 micro-batches"]),
+        (["head.storage=bfloat16"], ["head.storage: bfloat16 rows", "set head.step fused as well (from --set head.storage=bfloat16)"]),
+        (["head.storage=float16"], ["head.storage", "float16"]),
     ],
 )
 def test_cross_field_errors(overrides, fragments):
@@ -228,6 +233,7 @@ def test_cross_field_error_names_the_file_a_value_came_from(tmp_path):
         ["engine.device=cuda", "engine.precision=fp16"],
         ["engine.device=cpu", "engine.precision=bf16"],
         ["optim.schedule=step", "optim.milestones=[100, 200]"],
+        ["head.step=fused", "head.storage=bfloat16", "head.sample_rate=0.1"],
         ["data.train="],  # the trainer, not the config, requires data.train
     ],
 )

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sf2dist.bench.scaling import COLUMNS, Link, step_collectives
+from sf2dist.bench.scaling import COLUMNS, Link, memory_row, parse_method, step_collectives
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--quick", "--methods", "sphereface2,softmax,partial_fc_0.5,sphereface2_0.5"]
+QUICK = ["--quick", "--methods", "sphereface2,softmax,partial_fc_0.5,sphereface2_0.5", "--memory-classes", "0"]
 
 
 def _run(args: list[str], cwd: Path) -> str:
@@ -78,3 +78,34 @@ def test_bad_method_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "launch/scaling_bench.py", "--quick", "--methods", "sphereface3",
                            "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown method 'sphereface3'" in proc.stderr
+
+
+def test_method_names():
+    assert parse_method("sphereface2") == ("sphereface2", 1.0, False, False)
+    assert parse_method("sphereface2_0.1_fstep") == ("sphereface2", 0.1, True, False)
+    assert parse_method("sphereface2_fstep_bf16") == ("sphereface2", 1.0, True, True)
+    assert parse_method("partial_fc_0.1") == ("partial_fc", 0.1, False, False)
+    for bad in ("softmax_fstep", "sphereface2_bf16", "partial_fc_0.1_fstep", "sphereface2_fstep_fstep"):
+        with pytest.raises(ValueError, match="unknown method"):
+            parse_method(bad)
+
+
+def test_memory_row_arithmetic():
+    point = {"method": "sphereface2_fstep_bf16", "classes_per_rank": 1_000_000, "embedding_dim": 512,
+             "global_batch": 128, "peak_mem_mib": 2048.0, "step_ms": 1.0}
+    row = memory_row(point)
+    assert row["state_mib"] == pytest.approx(2 * 1_000_000 * 512 * 2 / 2**20)  # bfloat16 weights + momentum
+    assert row["identities_per_gib"] == pytest.approx(500_000)
+    assert row["overhead"] == pytest.approx(2048.0 / row["state_mib"] - 1)
+
+
+def test_head_memory_table(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    out = _run([sys.executable, "launch/scaling_bench.py", "--quick", "--world-sizes", "1", "--methods", "sphereface2",
+                "--memory-classes", "5000", "--out-dir", str(tmp_path), "--docs", str(docs)], ROOT)
+    assert "memory sphereface2_fstep_bf16, 5,000 classes" in out
+    text = docs.read_text()
+    assert "## Head memory at a million local classes" in text
+    for method, storage in (("sphereface2", "float32"), ("sphereface2_fstep", "float32"),
+                            ("sphereface2_fstep_bf16", "bfloat16")):
+        assert f"| {method} | {storage} |" in text

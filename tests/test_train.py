@@ -94,17 +94,17 @@ def _head_state(trainer) -> dict:
     head = trainer.head
     momentum = trainer.head_optimizer.state[head.weight]["momentum_buffer"]
     # clones: on one rank the gathers return the live tensors, which training goes on to change
-    return {"weight": head.full_weight().clone(), "momentum": comm.all_gather_variable(momentum.contiguous()).clone(),
+    return {"weight": head.full_weight().clone(), "momentum": comm.all_gather_variable(momentum.float()).clone(),
             "bias": head.bias.detach().clone(),
             "bias_momentum": trainer.head_optimizer.state[head.bias]["momentum_buffer"].clone()}
 
 
 def _train(rank: int, world_size: int, data: str, run_dir: str, until: int | None, total: int,
-           sample_rate: float = 1.0) -> dict:
+           head: dict | None = None) -> dict:
     from sf2dist.train import Trainer
 
     cfg = load_config([DEMO], overrides(Path(data), Path(run_dir), **{
-        "run.max_steps": total, "eval.benchmarks": "[]", "head.sample_rate": sample_rate}))
+        "run.max_steps": total, "eval.benchmarks": "[]", **(head or {})}))
     trainer = Trainer(cfg)
     summary = trainer.run(until_step=until)
     return {**_head_state(trainer), "step": summary["step"],
@@ -134,12 +134,14 @@ def test_saved_on_two_ranks_resumes_on_one_and_three(tiny_data, tmp_path):
             assert got["final_step"] == 12
 
 
-@pytest.mark.parametrize("sample_rate", (1.0, 0.5))
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path, sample_rate):
-    """Also with SphereFace2 class sampling: the draws and the per-row momentum resume exactly."""
-    straight = run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "straight"), None, 8, sample_rate)
-    run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "split"), 3, 8, sample_rate)
-    resumed = run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "split"), None, 8, sample_rate)
+@pytest.mark.parametrize("head", [{}, {"head.sample_rate": 0.5}, {"head.step": "fused", "head.storage": "bfloat16"}],
+                         ids=["sf2", "sf2-sampled", "sf2-fused-step-bf16"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path, head):
+    """Also with SphereFace2 class sampling (the draws and the per-row momentum resume exactly) and
+    with the fused step on bfloat16 rows (so does the stochastic rounding)."""
+    straight = run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "straight"), None, 8, head)
+    run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "split"), 3, 8, head)
+    resumed = run_on_ranks(_train, 2, str(tiny_data), str(tmp_path / "split"), None, 8, head)
     for a, b in zip(straight, resumed):
         assert a["step"] == b["step"] == 8
         for key in ("weight", "momentum", "bias"):

@@ -25,14 +25,18 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from sf2dist import comm
-from sf2dist.heads import PartialFCHead, SampledRowsSGD, ShardedHead, SphereFace2Head
+from sf2dist.heads import FusedStepSGD, PartialFCHead, SampledRowsSGD, ShardedHead, SphereFace2Head
 from sf2dist.parallel import class_range
 
-METHODS = ("sphereface2", "softmax", "partial_fc_0.1", "sphereface2_0.1")
+METHODS = ("sphereface2", "sphereface2_fstep", "softmax", "partial_fc_0.1", "sphereface2_0.1")
+# the head-memory table at 1M local classes: SphereFace2 with a separate SGD step, with the step
+# fused into the forward, and with that and bfloat16 storage
+MEMORY_METHODS = ("sphereface2", "sphereface2_fstep", "sphereface2_fstep_bf16")
 COLUMNS = (
     "method", "world_size", "kind", "device", "backend", "num_classes", "classes_per_rank",
     "batch_per_rank", "global_batch", "embedding_dim", "step_ms", "images_per_s",
@@ -57,36 +61,63 @@ class BenchSettings:
             raise ValueError(f"need warmup >= 0 and steps >= 1, got {self.warmup} and {self.steps}")
 
 
-def parse_method(method: str) -> tuple[str, float]:
-    """(head, class sample rate) of a method name; a bad name is an error.
+class Method(NamedTuple):
+    head: str  # sphereface2 | softmax | partial_fc
+    sample_rate: float
+    fused_step: bool = False  # SphereFace2: rows stepped inside the forward (FusedStepSGD)
+    bf16_storage: bool = False  # SphereFace2 with the fused step: rows and momentum in bfloat16
 
-    `sphereface2[_<rate>]`: SphereFace2, all classes or a sampled fraction (row-sparse SGD);
+
+def parse_method(method: str) -> Method:
+    """What a method name means; a bad name is an error.
+
+    `sphereface2[_<rate>][_fstep[_bf16]]`: SphereFace2, all classes or a sampled fraction
+    (row-sparse SGD), optionally with the SGD step fused into the forward and bfloat16 rows;
     `softmax`: the sharded softmax over all classes; `partial_fc_<rate>`: Partial FC.
     """
-    if method in ("sphereface2", "softmax"):
-        return method, 1.0
-    for head in ("sphereface2", "partial_fc"):
-        if method.startswith(head + "_"):
-            try:
-                rate = float(method.removeprefix(head + "_"))
-            except ValueError:
-                break
-            if 0.0 < rate <= 1.0:
-                return head, rate
-    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}, sphereface2_<rate> or "
-                     f"partial_fc_<rate> with a rate in (0, 1]")
+    name, fused_step, bf16 = method, False, False
+    if name.endswith("_bf16"):
+        name, bf16 = name.removesuffix("_bf16"), True
+    if name.endswith("_fstep"):
+        name, fused_step = name.removesuffix("_fstep"), True
+    if name in ("sphereface2", "softmax"):
+        parsed = Method(name, 1.0, fused_step, bf16)
+    else:
+        parsed = None
+        for head in ("sphereface2", "partial_fc"):
+            if name.startswith(head + "_"):
+                try:
+                    rate = float(name.removeprefix(head + "_"))
+                except ValueError:
+                    break
+                if 0.0 < rate <= 1.0:
+                    parsed = Method(head, rate, fused_step, bf16)
+    if parsed is None or (parsed.head != "sphereface2" and fused_step) or (bf16 and not fused_step):
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}, sphereface2_<rate>, "
+                         f"partial_fc_<rate> with a rate in (0, 1], or a SphereFace2 method with _fstep or "
+                         f"_fstep_bf16 appended")
+    return parsed
 
 
 def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
-    head, rate = parse_method(method)
-    if head == "sphereface2":
-        return SphereFace2Head(settings.num_classes, settings.embedding_dim, sample_rate=rate, process_group=group)
-    return PartialFCHead(settings.num_classes, settings.embedding_dim, sample_rate=rate, process_group=group)
+    spec = parse_method(method)
+    if spec.head == "sphereface2":
+        storage = torch.bfloat16 if spec.bf16_storage else torch.float32
+        return SphereFace2Head(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
+                               process_group=group, storage_dtype=storage)
+    return PartialFCHead(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
+                         process_group=group)
 
 
-def make_optimizer(head: ShardedHead) -> torch.optim.Optimizer:
-    """What training uses: SGD with momentum, row-sparse for sampled SphereFace2."""
-    if isinstance(head, SphereFace2Head) and head.sample_rate < 1.0:
+def make_optimizer(method: str, head: ShardedHead) -> torch.optim.Optimizer:
+    """What training uses: SGD with momentum, row-sparse for sampled SphereFace2, fused into the
+    head's forward for the _fstep methods."""
+    spec = parse_method(method)
+    if spec.fused_step:
+        optimizer = FusedStepSGD(head.parameters(), lr=0.01, momentum=0.9)
+        head.fuse_step(optimizer)
+        return optimizer
+    if spec.head == "sphereface2" and spec.sample_rate < 1.0:
         return SampledRowsSGD(head.parameters(), lr=0.01, momentum=0.9)
     return torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
 
@@ -117,7 +148,7 @@ def _peak_memory(device: torch.device, baseline: int) -> int:
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
 
 
-def _time_steps(head, settings, device, num_steps, barrier=True):
+def _time_steps(method, head, settings, device, num_steps, barrier=True):
     """Median step seconds, the collectives of one step, and the matmul columns of the head."""
     rank, _ = comm.rank_and_world(head.process_group)
     generator = torch.Generator().manual_seed(1234 + rank)
@@ -125,7 +156,7 @@ def _time_steps(head, settings, device, num_steps, barrier=True):
     embeddings = embeddings.to(device).requires_grad_(True)
     label_batches = [torch.randint(0, settings.num_classes, (settings.batch_per_rank,), generator=generator).to(device)
                      for _ in range(4)]
-    optimizer = make_optimizer(head)
+    optimizer = make_optimizer(method, head)
     times, step_stats, columns = [], [], head.num_local_classes
     for step in range(settings.warmup + num_steps):
         if barrier:
@@ -173,7 +204,7 @@ def measure_point(method: str, settings: BenchSettings, device: torch.device) ->
         torch.set_num_threads(settings.threads_per_rank)
     baseline = _reset_peak_memory(device)
     head = make_head(method, settings).to(device)
-    step_s, step_stats, columns = _time_steps(head, settings, device, settings.steps)
+    step_s, step_stats, columns = _time_steps(method, head, settings, device, settings.steps)
     peak = _peak_memory(device, baseline)
     global_batch = world * settings.batch_per_rank
     floor_s = matmul_floor_seconds(global_batch, columns, settings.embedding_dim, settings.steps, device)
@@ -240,7 +271,7 @@ def step_collectives(method: str, world: int, batch_per_rank: int, dim: int, ele
         return []
     rows = world * batch_per_rank
     calls = [("all_gather", 8 * world), ("all_gather", rows * dim * elem_bytes), ("all_gather", rows * 8)]
-    if method.startswith("sphereface2"):
+    if parse_method(method).head == "sphereface2":
         calls.append(("all_reduce", elem_bytes))  # the shared bias's gradient
     else:
         calls += [("all_reduce", rows * elem_bytes), ("all_reduce", 2 * rows * elem_bytes)]
@@ -259,7 +290,7 @@ def measure_compute(method: str, settings: BenchSettings, world: int, device: to
     head = make_head(method, local).to(device)
     if isinstance(head, PartialFCHead):  # sample as the W-rank shard would: its rate of its classes
         head.num_sample = max(1, int(head.sample_rate * (stop - start)))
-    step_s, _, columns = _time_steps(head, local, device, settings.steps, barrier=False)
+    step_s, _, columns = _time_steps(method, head, local, device, settings.steps, barrier=False)
     floor_s = matmul_floor_seconds(local.batch_per_rank, columns, settings.embedding_dim, settings.steps, device)
     return {"step_s": step_s, "floor_s": floor_s}
 
@@ -347,6 +378,33 @@ def markdown_table(points: list[dict]) -> str:
             f"{fmt(p['peak_mem_mib'], ',.0f')} | {p['comm_calls']} | {p['comm_mib']:.2f} | {p['comm_ms']:.1f} | "
             f"{p['largest_all_reduce_bytes']:,} B |"
         )
+    return "\n".join(lines)
+
+
+def memory_row(point: dict) -> dict:
+    """The head-memory figures of a point: peak against weights + momentum, identities per GiB."""
+    spec = parse_method(point["method"])
+    bytes_per_value = 2 if spec.bf16_storage else 4
+    state_mib = 2 * point["classes_per_rank"] * point["embedding_dim"] * bytes_per_value / 2**20
+    peak_mib = point["peak_mem_mib"]
+    return {
+        "method": point["method"], "classes_per_rank": point["classes_per_rank"],
+        "global_batch": point["global_batch"], "storage": "bfloat16" if spec.bf16_storage else "float32",
+        "step": "fused into the forward" if spec.fused_step else "separate SGD step",
+        "state_mib": state_mib, "peak_mib": peak_mib, "overhead": peak_mib / state_mib - 1.0,
+        "identities_per_gib": point["classes_per_rank"] / (peak_mib / 1024), "step_ms": point["step_ms"],
+    }
+
+
+def memory_table(rows: list[dict]) -> str:
+    lines = ["| method | storage | optimizer step | classes/rank | images/step | weights + momentum MiB | "
+             "peak MiB | peak over weights + momentum | identities per GiB of peak | step ms |",
+             "|" + "---|" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['storage']} | {r['step']} | {r['classes_per_rank']:,} | {r['global_batch']} | "
+            f"{r['state_mib']:,.0f} | {r['peak_mib']:,.0f} | {100 * r['overhead']:+.1f}% | "
+            f"{r['identities_per_gib'] / 1e6:.2f}M | {r['step_ms']:,.0f} |")
     return "\n".join(lines)
 
 

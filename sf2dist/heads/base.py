@@ -25,13 +25,14 @@ from sf2dist.parallel import class_range
 _INIT_BLOCK = 4096
 
 
-def init_class_rows(start: int, stop: int, embedding_dim: int, seed: int) -> torch.Tensor:
+def init_class_rows(start: int, stop: int, embedding_dim: int, seed: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unit-norm Gaussian rows for global classes [start, stop), identical for any sharding.
 
-    Written block by block into one tensor, so that building a shard of a million classes
-    never holds more than the shard plus one block (no concatenated or normalised copy).
+    Written block by block into one tensor of `dtype`, so that building a shard of a million
+    classes never holds more than the shard plus one block (no concatenated or normalised copy).
     """
-    rows = torch.empty(stop - start, embedding_dim)
+    rows = torch.empty(stop - start, embedding_dim, dtype=dtype)
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + block)
         values = torch.randn(_INIT_BLOCK, embedding_dim, generator=generator)
@@ -55,8 +56,11 @@ class ShardedHead(nn.Module):
     and never holds the [N, C_local] logits; `"reference"` is the straightforward version that
     materialises them and lets autograd do the rest. Both give the same loss and gradients.
     `compile_elementwise` compiles a chunk's elementwise math with torch.compile (None: on
-    CUDA when Triton is there; on a CPU the eager kernels are used).
+    CUDA when Triton is there; on a CPU the eager kernels are used). `storage_dtype` is the
+    dtype the rows are kept in (float32, or bfloat16 where a head supports it).
     """
+
+    storage_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
 
     def __init__(
         self,
@@ -70,9 +74,13 @@ class ShardedHead(nn.Module):
         implementation: str = "fused",
         chunk_size: int | None = None,
         compile_elementwise: bool | None = None,
+        storage_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         check_implementation(implementation, chunk_size)
+        if storage_dtype not in self.storage_dtypes or (storage_dtype != torch.float32 and implementation != "fused"):
+            raise ValueError(f"{type(self).__name__} keeps its rows in {', '.join(map(str, self.storage_dtypes))} "
+                             f"(other than float32 with implementation='fused' only), not {storage_dtype}")
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if not isinstance(embedding_dim, int) or embedding_dim < 1:
@@ -86,7 +94,8 @@ class ShardedHead(nn.Module):
         self.backbone_grads_averaged = backbone_grads_averaged
         self.check_inputs = check_inputs
         self.implementation, self.chunk_size, self.compile_elementwise = implementation, chunk_size, compile_elementwise
-        self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed))
+        self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed,
+                                                   storage_dtype))
 
     def extra_repr(self) -> str:
         return (
@@ -151,7 +160,11 @@ class ShardedHead(nn.Module):
     def full_weight(self) -> torch.Tensor:
         """Every rank's rows concatenated in class order (for tests and small models only)."""
         sizes = [class_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]
-        return comm.all_gather(self.weight.detach(), [stop - start for start, stop in sizes], self.process_group)
+        weight = self.weight.detach()
+        if weight.dtype == torch.bfloat16:  # gathered as float32 (exact): not every backend has bfloat16
+            weight = weight.float()
+        rows = comm.all_gather(weight, [stop - start for start, stop in sizes], self.process_group)
+        return rows.to(self.weight.dtype)
 
 
 def _locate(row: int, sizes: list[int]) -> tuple[int, int]:

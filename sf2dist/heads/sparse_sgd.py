@@ -104,3 +104,66 @@ class SampledRowsSGD(torch.optim.Optimizer):
                     step = buffer.mul_(momentum).add_(step)
                 param.add_(step, alpha=-lr)
         return loss
+
+
+def round_to_bfloat16_(out: torch.Tensor, values: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Store float32 `values` into the bfloat16 tensor `out`, rounding stochastically.
+
+    Each value goes to one of the two nearest bfloat16 numbers with probabilities that make the
+    stored value unbiased. Round-to-nearest would drop every update smaller than half a bfloat16
+    step of the weight (about 0.2 % of it): a class row's per-step update is far smaller than
+    that, so with plain rounding the rows would stop learning. Adding uniform noise to the 16
+    bits that bfloat16 drops, then truncating, does the stochastic rounding exactly.
+    """
+    bits = values.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
+    out.copy_(noise.add_(bits).bitwise_and_(-(1 << 16)).view(torch.float32))  # exact in bfloat16
+
+
+class FusedStepSGD(SampledRowsSGD):
+    """SGD with momentum whose update of a head's class rows runs inside the head's forward.
+
+    A head in fused-step mode (`SphereFace2Head.fuse_step(optimizer)`) forms each chunk's row
+    gradient in its forward and hands it at once to `update_rows_`, which applies the SGD step
+    above to those rows: the [C_local, D] weight gradient never exists, so a rank's head needs
+    its weights and momentum and little else. The weight then has no `.grad`; `step()` updates
+    the other parameters (the shared bias) as SampledRowsSGD does. Set the learning rate before
+    the forward. Rows stored in bfloat16 (`storage_dtype=torch.bfloat16`) are updated in float32
+    and written back with stochastic rounding (`round_to_bfloat16_`); their momentum is stored
+    in bfloat16 with ordinary rounding (it is a sum of gradients of its own scale).
+    """
+
+    @torch.no_grad()
+    def update_rows_(self, param: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor,
+                     grad: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """One step of `param[rows]` from float32 `values` (its current rows) and `grad`; both are consumed."""
+        group = self._group_of(param)
+        lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
+        step = grad.add_(values, alpha=weight_decay) if weight_decay else grad
+        if momentum:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            buffer = state["momentum_buffer"]
+            step = buffer[rows].to(values.dtype).mul_(momentum).add_(step)
+            _store_rows(buffer, rows, step)
+        values.sub_(step, alpha=lr)
+        if param.dtype == torch.bfloat16:
+            rounded = torch.empty(values.shape, dtype=torch.bfloat16, device=values.device)
+            round_to_bfloat16_(rounded, values, generator)
+            values = rounded
+        _store_rows(param, rows, values)
+
+    def _group_of(self, param: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError("FusedStepSGD.update_rows_: the parameter is not one this optimizer updates")
+
+
+def _store_rows(target: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        if target[rows].data_ptr() != values.data_ptr():  # else updated in place already
+            target[rows] = values
+    else:
+        target.index_copy_(0, rows, values.to(target.dtype))

@@ -29,6 +29,7 @@ a run's draws exactly.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -140,18 +141,22 @@ def _negative_terms(scaled_cos: torch.Tensor, shift: float, t: float, kappa: tor
 
 
 def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size,
-                      need_grads, mm_dtype, negative_terms):
+                      need_grads, mm_dtype, negative_terms, update=None):
     """This rank's share of the loss, and (if `need_grads`) dL/d(embeddings), dL/d(used rows), dL/db.
 
     embeddings [N, D]: the unit-norm gathered batch; weight [C_local, D]: the rows, renormalised
     here in place (chunk by chunk, as they are read); index [S] (or None: all rows): the rows
     used, ascending; class_weight [S] (or None): the weight of each used row's terms.
+    `update(rows, values, grad)` (fused step): instead of returning dL/d(rows), hand each chunk's
+    row gradient, with the chunk's float32 rows, to it as soon as the chunk is done (it steps
+    them); the row gradient returned is then None.
     """
     alpha, r, t = terms.alpha, terms.r, terms.t
     num_samples, dim = embeddings.shape
     dtype = embeddings.dtype  # the loss math's precision (float32 under autocast too)
     mm = mm_dtype or dtype
     weight = weight.detach()
+    stored = weight.dtype  # float32, or bfloat16 storage (read into float32 chunk by chunk)
     num_columns = weight.shape[0] if index is None else index.numel()
     chunk_size = chunked.resolve_chunk_size(chunk_size, num_samples, num_columns, weight.device)
     bounds = chunked.chunk_bounds(num_columns, chunk_size)
@@ -169,12 +174,14 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
     if need_grads:
         weighted = (embeddings * grad_scale).to(mm)  # [N, D]: g^T @ weighted = dL/d(rows)
         grad_embeddings = torch.zeros(num_samples, dim, dtype=dtype, device=weight.device)
-        grad_rows = torch.empty(num_columns, dim, dtype=weight.dtype, device=weight.device)
+        grad_rows = None if update else torch.empty(num_columns, dim, dtype=weight.dtype, device=weight.device)
         grad_bias = torch.zeros((), dtype=dtype, device=weight.device)
     for start, stop in bounds:
         rows_w = chunked.iter_rows(weight, index, start, stop)  # [c, D]
+        if stored != dtype:
+            rows_w = rows_w.to(dtype)  # a float32 copy of bfloat16 rows
         rows_w.div_(rows_w.norm(dim=1, keepdim=True).clamp_min(1e-12))  # rows are kept unit-norm
-        if index is not None:
+        if index is not None and stored == dtype and not (update and need_grads):
             weight.index_copy_(0, index[start:stop], rows_w)
         rows_mm = rows_w.to(mm)
         x = torch.mm(scaled, rows_mm.t())  # [N, c] a*cos
@@ -196,7 +203,12 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
         grad_bias += g.sum()
         g_mm = g.to(mm)
         chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
-        chunked.mm_into(grad_rows[start:stop], g_mm.t(), weighted)
+        if update is None:
+            chunked.mm_into(grad_rows[start:stop], g_mm.t(), weighted)
+        else:  # the step of these rows, now, from their gradient (the embedding gradient used the old rows)
+            grad_chunk = torch.mm(g_mm.t(), weighted)
+            positions = slice(start, stop) if index is None else index[start:stop]
+            update(positions, rows_w, grad_chunk if grad_chunk.dtype == dtype else grad_chunk.to(dtype))
     loss = ((1.0 - alpha) * negative_sum + positive_sum) * (terms.loss_weight / (r * num_samples))
     if need_grads:
         grads = (grad_embeddings.mul_(grad_scale), grad_rows, grad_bias.mul_(grad_scale / r))
@@ -213,12 +225,13 @@ class _FusedShardLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size, group,
-                negative_terms):
+                negative_terms, update):
         mm_dtype = chunked.autocast_dtype(embeddings.device)
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.autocast(embeddings.device.type, enabled=False):
             loss, grads = _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms,
-                                            chunk_size, need_grads, mm_dtype, negative_terms)
+                                            chunk_size, need_grads, mm_dtype, negative_terms,
+                                            update if need_grads else None)
         if grads is not None:
             ctx.grad_embeddings, ctx.grad_rows, ctx.grad_bias = grads
         ctx.group, ctx.index, ctx.weight_shape = group, index, weight.shape
@@ -230,10 +243,10 @@ class _FusedShardLoss(torch.autograd.Function):
         grad_embeddings = chunked.scale_grad_(grad_embeddings, grad_loss)
         grad_rows = chunked.scale_grad_(grad_rows, grad_loss)
         grad_bias = comm.all_reduce(grad_bias * grad_loss, "sum", ctx.group)  # b is shared by all shards
-        if ctx.index is not None:
+        if ctx.index is not None and grad_rows is not None:
             grad_rows = torch.sparse_coo_tensor(ctx.index.unsqueeze(0), grad_rows, ctx.weight_shape,
                                                 is_coalesced=True, check_invariants=False)
-        return grad_embeddings, grad_rows, grad_bias, None, None, None, None, None, None, None, None
+        return grad_embeddings, grad_rows, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 class SphereFace2Head(ShardedHead):
@@ -247,7 +260,19 @@ class SphereFace2Head(ShardedHead):
 
     `sample_rate` < 1 samples the classes absent from the batch (module docstring);
     `implementation`, `chunk_size` and `compile_elementwise` are described in `ShardedHead`.
+
+    Fused step (`fuse_step(optimizer)`, fused implementation only): each training forward
+    steps the rows it used with a `FusedStepSGD`, chunk by chunk, as soon as a chunk's
+    gradient is known, so the [C_local, D] weight gradient is never formed. The row update
+    takes the head's own loss as it is (a loss scale or other factor applied to it in
+    backward does not reach the rows) and happens whether or not backward follows; the
+    weight gets no `.grad`, so global-norm clipping leaves the rows out. `storage_dtype`
+    bfloat16 keeps the rows (and, with the fused step, their momentum) in bfloat16 while all
+    the math runs in float32; it needs the fused step, whose stochastic rounding keeps the
+    small row updates that bfloat16 could not otherwise store.
     """
+
+    storage_dtypes = (torch.float32, torch.bfloat16)
 
     def __init__(
         self,
@@ -268,6 +293,7 @@ class SphereFace2Head(ShardedHead):
         implementation: str = "fused",
         chunk_size: int | None = None,
         compile_elementwise: bool | None = None,
+        storage_dtype: torch.dtype = torch.float32,
     ) -> None:
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {MARGINS} (paper App. F), got {margin!r}")
@@ -289,6 +315,7 @@ class SphereFace2Head(ShardedHead):
             implementation=implementation,
             chunk_size=chunk_size,
             compile_elementwise=compile_elementwise,
+            storage_dtype=storage_dtype,
         )
         self.alpha, self.r, self.m, self.t, self.margin = float(alpha), float(r), float(m), float(t), margin
         self.loss_weight = float(loss_weight)
@@ -296,8 +323,25 @@ class SphereFace2Head(ShardedHead):
         self.bias = nn.Parameter(torch.tensor(initial_bias(num_classes, alpha, r, m, t, margin)))
         self.sample_rate = float(sample_rate)
         self.seed = seed
-        self.sample_step = 0  # sampled forwards so far: with seed and rank, it fixes the next draw
+        # training forwards so far: with seed and rank it fixes the next draw (sampling) and the
+        # next stochastic rounding (bfloat16 storage); restore it on resume to repeat both
+        self.sample_step = 0
         self.last_sampled_rows: torch.Tensor | None = None  # local rows used by the last forward (sampling only)
+        self.step_optimizer = None  # a FusedStepSGD when the rows are stepped in the forward
+
+    def fuse_step(self, optimizer) -> None:
+        """Step the rows inside every training forward with `optimizer` (a FusedStepSGD; class docstring)."""
+        if self.implementation != "fused":
+            raise ValueError("fuse_step needs implementation='fused': the reference head forms the full weight gradient")
+        if not hasattr(optimizer, "update_rows_"):
+            raise TypeError(f"fuse_step needs an optimizer with update_rows_ (FusedStepSGD), got {type(optimizer).__name__}")
+        optimizer._group_of(self.weight)  # ValueError when it does not hold this head's rows
+        self.step_optimizer = optimizer
+
+    def _step_generator(self, device: torch.device) -> torch.Generator:
+        generator = torch.Generator(device=device)
+        generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step)
+        return generator
 
     def extra_repr(self) -> str:
         return (
@@ -317,8 +361,7 @@ class SphereFace2Head(ShardedHead):
         num_present = int(present.sum())
         num_absent = self.num_local_classes - num_present
         num_drawn = min(num_absent, math.ceil(self.sample_rate * num_absent))
-        generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step)
+        generator = self._step_generator(device)
         self.sample_step += 1
         scores = torch.rand(self.num_local_classes, generator=generator, device=device)
         scores[present] = 2.0  # above any uniform draw: always kept
@@ -333,16 +376,24 @@ class SphereFace2Head(ShardedHead):
         here = (gathered_labels >= self.class_start) & (gathered_labels < self.class_stop)
         rows = here.nonzero().squeeze(1)
         cols = gathered_labels[rows] - self.class_start  # local rows of the true classes
-        index = class_weight = None
+        index = class_weight = update = None
         if self.sample_rate < 1.0:
             index, class_weight = self.sample_rows(cols)
         self.last_sampled_rows = index
+        if self.step_optimizer is not None and self.training and torch.is_grad_enabled():
+            generator = self._step_generator(self.weight.device) if self.weight.dtype == torch.bfloat16 else None
+            update = functools.partial(self.step_optimizer.update_rows_, self.weight, generator=generator)
+        elif self.weight.dtype == torch.bfloat16 and self.weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("rows stored in bfloat16 are trained with the fused step only (call fuse_step with a "
+                               "FusedStepSGD); a separate optimizer would do its math, and round, in bfloat16")
+        if update is not None and index is None:  # (sample_rows counted this forward already)
+            self.sample_step += 1
         if self.implementation == "fused":
             negative_terms = chunked.elementwise(
                 _negative_terms, chunked.should_compile(self.compile_elementwise, gathered.device))
             return _FusedShardLoss.apply(
                 F.normalize(gathered, dim=1), self.weight, self.bias, rows, cols, index, class_weight,
-                self.terms, self.chunk_size, self.process_group, negative_terms,
+                self.terms, self.chunk_size, self.process_group, negative_terms, update,
             )
         with torch.no_grad():
             if index is None:

@@ -22,7 +22,7 @@ from sf2dist import comm, parallel
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
 from sf2dist.eval import ExtractOptions, evaluate_benchmark
-from sf2dist.heads import PartialFCHead, SampledRowsSGD, SphereFace2Head
+from sf2dist.heads import FusedStepSGD, PartialFCHead, SampledRowsSGD, SphereFace2Head
 from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
@@ -48,7 +48,8 @@ def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
     optional = {k: v for k, v in (("margin", h.margin), ("m", h.m)) if v is not None}
     if h.type == "sphereface2":
         return SphereFace2Head(num_classes, cfg.model.embedding_dim, alpha=h.alpha, r=h.r, t=h.t,
-                               loss_weight=h.loss_weight, sample_rate=h.sample_rate, seed=cfg.run.seed, **optional)
+                               loss_weight=h.loss_weight, sample_rate=h.sample_rate, seed=cfg.run.seed,
+                               storage_dtype=getattr(torch, h.storage), **optional)
     return PartialFCHead(num_classes, cfg.model.embedding_dim, s=h.s, sample_rate=h.sample_rate,
                          seed=cfg.run.seed, **optional)
 
@@ -90,7 +91,12 @@ class Trainer:
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
-        if isinstance(self.head, SphereFace2Head) and cfg.head.sample_rate < 1.0:
+        if cfg.head.step == "fused":
+            # the rows are stepped inside the head's forward, chunk by chunk; step() does the bias
+            self.head_optimizer = FusedStepSGD(groups, lr=self.head_lr, momentum=cfg.optim.momentum,
+                                               weight_decay=cfg.optim.weight_decay)
+            self.head.fuse_step(self.head_optimizer)
+        elif isinstance(self.head, SphereFace2Head) and cfg.head.sample_rate < 1.0:
             # sampled SphereFace2: only the sampled rows (sparse gradient) are read and updated
             self.head_optimizer = SampledRowsSGD(groups, lr=self.head_lr, momentum=cfg.optim.momentum,
                                                  weight_decay=cfg.optim.weight_decay)
@@ -199,6 +205,8 @@ class Trainer:
         """One optimizer step on every rank: returns (global loss, global grad norm, lr)."""
         accumulation = self.cfg.optim.accumulation_steps
         scale = self.loss_scale.scale
+        lr_factor = optim.lr_factor(self.state.step, self.total_steps, self.cfg.optim)
+        optim.set_lr(self.head_optimizer, self.head_lr * lr_factor)  # before the forward: a fused head steps there
         loss_share = torch.zeros((), device=self.device)
         for micro in range(accumulation):
             images, labels = next(batches)
@@ -215,7 +223,6 @@ class Trainer:
         self.stop_everywhere = stop
         norm /= scale
         finite = math.isfinite(norm) and math.isfinite(loss)
-        lr_factor = optim.lr_factor(self.state.step, self.total_steps, self.cfg.optim)
         if finite:
             factor = 1.0 / scale
             clip = self.cfg.optim.clip_grad_norm
@@ -225,7 +232,6 @@ class Trainer:
                 self.engine.scale_grads_(factor)
                 optim.scale_grads_(self.head.parameters(), factor)
             self.engine.set_lr(self.cfg.optim.lr * lr_factor)
-            optim.set_lr(self.head_optimizer, self.head_lr * lr_factor)
             self.engine.step()
             self.head_optimizer.step()
             self.consecutive_bad = 0
