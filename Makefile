@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 # Where a CPU-only machine gets its torch when no local CPU wheel is found.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install torch test demo demo-data bench-data scaling-bench clean
+.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,11 @@ bench-data: install
 # writes runs/scaling-bench/ (CSV, JSON, PNG) and the table into docs/benchmarks.md.
 scaling-bench: install
 	$(PY) launch/scaling_bench.py --docs docs/benchmarks.md $(SCALING_ARGS)
+
+# Accuracy of the demo with the head's rows stepped separately, fused, and stored in bfloat16
+# (three 2-process CPU trainings, about 4 minutes each); writes docs/benchmarks.md.
+bench-head-storage: install demo-data
+	$(PY) launch/bench_head_storage.py --data $(DEMO_DATA) --docs docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

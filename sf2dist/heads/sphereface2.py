@@ -338,9 +338,10 @@ class SphereFace2Head(ShardedHead):
         optimizer._group_of(self.weight)  # ValueError when it does not hold this head's rows
         self.step_optimizer = optimizer
 
-    def _step_generator(self, device: torch.device) -> torch.Generator:
+    def _step_generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
+        """The random stream of this step on this rank: 0 for the class draw, 1 for the rounding."""
         generator = torch.Generator(device=device)
-        generator.manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step)
+        generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step) ^ (stream << 48))
         return generator
 
     def extra_repr(self) -> str:
@@ -381,7 +382,7 @@ class SphereFace2Head(ShardedHead):
             index, class_weight = self.sample_rows(cols)
         self.last_sampled_rows = index
         if self.step_optimizer is not None and self.training and torch.is_grad_enabled():
-            generator = self._step_generator(self.weight.device) if self.weight.dtype == torch.bfloat16 else None
+            generator = self._step_generator(self.weight.device, 1) if self.weight.dtype == torch.bfloat16 else None
             update = functools.partial(self.step_optimizer.update_rows_, self.weight, generator=generator)
         elif self.weight.dtype == torch.bfloat16 and self.weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("rows stored in bfloat16 are trained with the fused step only (call fuse_step with a "
