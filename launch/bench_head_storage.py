@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    for needed in (args.data / "train" / "manifest.json", args.data / "holdout.bin"):
-        if not needed.exists():
-            parser.error(f"{needed} not found: generate the demo data first (make demo-data)")
     try:
         seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     except ValueError:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    for needed in (args.data / "train" / "manifest.json", args.data / "holdout.bin"):
+        if not needed.exists():
+            parser.error(f"{needed} not found: generate the demo data first (make demo-data)")
     results = {}
     for variant in variants:
         for seed in seeds:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from sf2dist import parallel
+from sf2dist import comm, parallel
 from sf2dist.bench import scaling
 from sf2dist.report import machine_description, write_section
 
@@ -95,6 +95,7 @@ def _point_worker(rank: int, world: int, port: int, method: str, settings, devic
         point = scaling.measure_point(method, settings, device)
         if rank == 0:
             Path(out).write_text(json.dumps(point))
+        comm.barrier()  # leave together: a rank tearing gloo down while a peer still talks can abort it
     finally:
         parallel.shutdown()
 
@@ -205,6 +206,7 @@ def main(argv=None) -> None:
         info, device = parallel.init_distributed(device.type)
         try:
             points = [scaling.measure_point(method, settings, device) for method in methods]
+            comm.barrier()  # leave together (see _point_worker)
         finally:
             parallel.shutdown()
         if info.is_main:

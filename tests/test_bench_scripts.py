@@ -37,8 +37,8 @@ def test_head_storage_report(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--variants", "fused-fp16"], "unknown variant(s) fused-fp16"),
-    (["--seeds", "a,b"], "--seeds must be comma-separated integers"),
+    (["--variants", "fused-fp16", "--data", "/nonexistent"], "unknown variant(s) fused-fp16"),
+    (["--seeds", "a,b", "--data", "/nonexistent"], "--seeds must be comma-separated integers"),
     (["--data", "/nonexistent"], "not found: generate the demo data first"),
 ])
 def test_head_storage_argument_errors(args, message):
