@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad data, labels, checkpoints: the message says what and where
         print(f"train.py (rank {parallel.discover().rank}): {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:
+        if not any(words in str(err).lower() for words in ("timed out", "timeout")):
+            raise
+        # gloo's words ("Timed out waiting ...", "Application timeout caused pair closure");
+        # NCCL's watchdog ends the process itself after the same time-out
+        print(f"train.py (rank {parallel.discover().rank}): a collective waited longer than run.timeout_s="
+              f"{cfg.run.timeout_s:g} s: another rank is stuck or dead. Training stops here; the newest checkpoint "
+              f"in {cfg.run.dir}/checkpoints resumes it. ({err})", file=sys.stderr, flush=True)
+        return 1
     finally:
         parallel.shutdown()
     if summary["preempted"]:

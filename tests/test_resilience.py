@@ -142,3 +142,34 @@ def test_a_checkpoint_of_another_model_is_refused_with_what_differs(tiny_data, t
     assert "belongs to another model" in proc.stderr
     assert "embedding_dim" in proc.stderr and "SphereFace2Head" in proc.stderr and "PartialFCHead" in proc.stderr
     assert len(checkpoint.checkpoint_dirs(run_dir)) == 1  # nothing of the saved run was touched
+
+
+STUCK_RANK = textwrap.dedent("""
+    import runpy, sys, time
+    from sf2dist.train import trainer as trainer_module
+    real_step = trainer_module.Trainer.train_step
+    def stuck_step(self, batches):
+        if self.rank == 1 and self.state.step == 2:
+            print("rank 1 is stuck", flush=True)
+            time.sleep(3600)  # alive but silent: only the time-out can end the run
+        return real_step(self, batches)
+    trainer_module.Trainer.train_step = stuck_step
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path("launch/train.py", run_name="__main__")
+""")
+
+
+def test_a_stuck_rank_ends_the_run_after_the_collective_timeout(tiny_data, tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK)
+    settings = overrides(tiny_data, tmp_path / "run", **{"run.max_steps": 50, "eval.benchmarks": "[]",
+                                                           "run.timeout_s": 10})
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), "--config", DEMO, *[a for v in settings for a in ("--set", v)]],
+                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0
+    assert "rank 1 is stuck" in proc.stdout
+    assert "a collective waited longer than run.timeout_s=10 s: another rank is stuck or dead" in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - start < 200
