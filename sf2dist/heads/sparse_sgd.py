@@ -1,4 +1,4 @@
-"""SGD with momentum that steps only the rows a sampled head used.
+"""SGD with momentum for class rows: row-sparse for sampled heads, or fused into a head's forward.
 
 With class sampling (`SphereFace2Head(sample_rate=p < 1)`), a step reads and differentiates
 only the rows it kept, and `weight.grad` is a sparse COO tensor of exactly those rows (summed
@@ -19,6 +19,10 @@ identical to torch.optim.SGD. The state key is `momentum_buffer`, a tensor shape
 parameter, as torch.optim.SGD's, so checkpoints store and shard it the same way.
 
 torch.optim.SGD itself cannot step a sparse gradient when weight decay is set.
+
+`FusedStepSGD` is the same update applied by a head inside its forward, chunk by chunk, so
+that the weight gradient never exists (and, for rows stored in bfloat16, written back with
+the stochastic rounding of `round_to_bfloat16_`).
 """
 from __future__ import annotations
 
