@@ -149,33 +149,35 @@ def report_memory(rows: list[dict], args, device: torch.device) -> None:
         print(f"wrote the head-memory section of {args.docs}")
 
 
+# the throughput ratios reported: (numerator method, denominator method, what the ratio compares)
+COMPARISONS = (
+    ("sphereface2", "softmax", "SphereFace2 / softmax"),
+    ("sphereface2_fstep", "softmax", "SphereFace2 with the fused step / softmax"),
+    ("sphereface2_0.1", "partial_fc_0.1", "SphereFace2 at sample rate 0.1 / Partial FC 0.1"),
+)
+
+
 def report(points: list[dict], settings, args, note: str) -> None:
     paths = scaling.write_outputs(points, args.out_dir, settings, note)
     print(scaling.markdown_table(points))
-    for (world, kind), ratio in sorted(scaling.throughput_ratios(points).items()):
-        print(f"SphereFace2 / softmax images/s at W={world} ({kind}): {ratio:.2f}x")
-    for (world, kind), ratio in sorted(scaling.throughput_ratios(points, "sphereface2_0.1", "partial_fc_0.1").items()):
-        print(f"SphereFace2 at 0.1 / Partial FC 0.1 images/s at W={world} ({kind}): {ratio:.2f}x")
-    for (world, kind), ratio in sorted(scaling.throughput_ratios(points, "sphereface2_fstep", "softmax").items()):
-        print(f"SphereFace2 with the fused step / softmax images/s at W={world} ({kind}): {ratio:.2f}x")
+    for numerator, denominator, name in COMPARISONS:
+        for (world, kind), ratio in sorted(scaling.throughput_ratios(points, numerator, denominator).items()):
+            print(f"{name} images/s at W={world} ({kind}): {ratio:.2f}x")
     print(note)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if args.docs is not None:
         png = args.docs.parent / "scaling.png"
         if png.resolve() != Path(paths["png"]).resolve():
             shutil.copyfile(paths["png"], png)
-        ratios = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x"
-                           for (w, kind), r in sorted(scaling.throughput_ratios(points).items()))
-        sampled = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x" for (w, kind), r in
-                            sorted(scaling.throughput_ratios(points, "sphereface2_0.1", "partial_fc_0.1").items()))
-        fused = ", ".join(f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x" for (w, kind), r in
-                          sorted(scaling.throughput_ratios(points, "sphereface2_fstep", "softmax").items()))
+        ratios = []
+        for numerator, denominator, name in COMPARISONS:
+            found = sorted(scaling.throughput_ratios(points, numerator, denominator).items())
+            if found:
+                ratios.append(f"{name} images/s: " + ", ".join(
+                    f"W={w}{'' if kind == 'measured' else ' (projected)'}: {r:.2f}x" for (w, kind), r in found) + ".")
         write_section(args.docs, "scaling", "\n\n".join([
             "## Classifier-layer scaling (`make scaling-bench`)",
-            note, scaling.markdown_table(points),
-            f"SphereFace2 / softmax images/s: {ratios}."
-            + (f" SphereFace2 with the fused step / softmax: {fused}." if fused else "")
-            + (f" SphereFace2 at sample rate 0.1 / Partial FC 0.1: {sampled}." if sampled else ""),
+            note, scaling.markdown_table(points), " ".join(ratios),
             "sphereface2_fstep is SphereFace2 with its SGD step fused into the forward (`head.step: fused`); "
             "the other methods run the head's optimizer step after the backward.",
             "Head efficiency = step time / the time of the step's three matmuls (cos, dE, dW) alone at the same "

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from sf2dist import comm
-from sf2dist.heads import FusedStepSGD, PartialFCHead, SampledRowsSGD, ShardedHead, SphereFace2Head
+from sf2dist.heads import PartialFCHead, ShardedHead, SphereFace2Head, make_head_sgd
 from sf2dist.parallel import class_range
 
 METHODS = ("sphereface2", "sphereface2_fstep", "softmax", "partial_fc_0.1", "sphereface2_0.1")
@@ -109,19 +109,6 @@ def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
                          process_group=group)
 
 
-def make_optimizer(method: str, head: ShardedHead) -> torch.optim.Optimizer:
-    """What training uses: SGD with momentum, row-sparse for sampled SphereFace2, fused into the
-    head's forward for the _fstep methods."""
-    spec = parse_method(method)
-    if spec.fused_step:
-        optimizer = FusedStepSGD(head.parameters(), lr=0.01, momentum=0.9)
-        head.fuse_step(optimizer)
-        return optimizer
-    if spec.head == "sphereface2" and spec.sample_rate < 1.0:
-        return SampledRowsSGD(head.parameters(), lr=0.01, momentum=0.9)
-    return torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -156,7 +143,8 @@ def _time_steps(method, head, settings, device, num_steps, barrier=True):
     embeddings = embeddings.to(device).requires_grad_(True)
     label_batches = [torch.randint(0, settings.num_classes, (settings.batch_per_rank,), generator=generator).to(device)
                      for _ in range(4)]
-    optimizer = make_optimizer(method, head)
+    # what training uses: SGD with momentum (row-sparse when sampled, in the forward for _fstep)
+    optimizer = make_head_sgd(head, head.parameters(), lr=0.01, momentum=0.9, fused_step=parse_method(method).fused_step)
     times, step_stats, columns = [], [], head.num_local_classes
     for step in range(settings.warmup + num_steps):
         if barrier:

@@ -330,9 +330,10 @@ def make_loader(
 ) -> ShardLoader:
     """The loader of rank `rank` out of `world_size` for the shards in `shard_dir`.
 
-    `batch_size` is per rank; batches arrive normalised on `device` (CPU when None). `num_classes`, when given, must equal the manifest's (the
-    head is sized from it). `label_noise` is the fraction of samples whose label is
-    replaced by a different, uniformly drawn class.
+    `batch_size` is per rank; batches arrive normalised on `device` (CPU when None).
+    `num_classes`, when given, must equal the manifest's (the head is sized from it).
+    `label_noise` is the fraction of samples whose label is replaced by a different,
+    uniformly drawn class.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

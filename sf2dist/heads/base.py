@@ -157,6 +157,12 @@ class ShardedHead(nn.Module):
         `forward` returns the whole global loss on every rank."""
         return loss.detach() / self.world_size
 
+    @property
+    def sparse_row_grad(self) -> bool:
+        """Whether `weight.grad` is a sparse tensor of the rows a step used (then only a row-sparse
+        optimiser, `SampledRowsSGD`, can step it)."""
+        return False
+
     def full_weight(self) -> torch.Tensor:
         """Every rank's rows concatenated in class order (for tests and small models only)."""
         sizes = [class_range(self.num_classes, r, self.world_size) for r in range(self.world_size)]

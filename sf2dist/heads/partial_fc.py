@@ -124,7 +124,7 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
 
     def chunk_matmul(rows_mm):
         x = torch.mm(scaled, rows_mm.t())  # [N, c]
-        return x if x.dtype == dtype else x.to(dtype)
+        return x.to(dtype)
 
     last = None
     for start, stop in bounds:
@@ -166,7 +166,7 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
         g_mm = g.to(mm)
         chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
         grad_rows = torch.mm(g_mm.t(), weighted)  # dL/dw_hat / |w|  [c, D]
-        grad_rows = grad_rows if grad_rows.dtype == weight.dtype else grad_rows.to(weight.dtype)
+        grad_rows = grad_rows.to(weight.dtype)
         # dL/dw = (dL/dw_hat - w_hat (w_hat . dL/dw_hat)) / |w|, or dL/dw_hat / eps where |w| <= eps
         along = torch.linalg.vecdot(grad_rows, rows_w) * inv.square().masked_fill_(degenerate[start:stop], 0.0)
         grad_rows.addcmul_(rows_w, along.unsqueeze(1).to(grad_rows.dtype), value=-1.0)

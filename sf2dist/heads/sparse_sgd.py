@@ -165,6 +165,23 @@ class FusedStepSGD(SampledRowsSGD):
         raise ValueError("FusedStepSGD.update_rows_: the parameter is not one this optimizer updates")
 
 
+def make_head_sgd(head, params, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                  fused_step: bool = False) -> torch.optim.Optimizer:
+    """SGD for a head's parameters in the form its rows need.
+
+    `fused_step`: a FusedStepSGD that the head steps inside its forward (`fuse_step`); a head
+    whose row gradient is sparse (sampled SphereFace2): SampledRowsSGD; otherwise torch.optim.SGD.
+    `params` may be parameter groups (e.g. the bias without weight decay).
+    """
+    if fused_step:
+        optimizer = FusedStepSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        head.fuse_step(optimizer)
+        return optimizer
+    if head.sparse_row_grad:
+        return SampledRowsSGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def _store_rows(target: torch.Tensor, rows: slice | torch.Tensor, values: torch.Tensor) -> None:
     if isinstance(rows, slice):
         if target[rows].data_ptr() != values.data_ptr():  # else updated in place already

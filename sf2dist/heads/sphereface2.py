@@ -185,7 +185,7 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
             weight.index_copy_(0, index[start:stop], rows_w)
         rows_mm = rows_w.to(mm)
         x = torch.mm(scaled, rows_mm.t())  # [N, c] a*cos
-        x = x if x.dtype == dtype else x.to(dtype)
+        x = x.to(dtype)
         pos_rows, pos_cols, _ = positives.in_chunk(start)
         scaled_cos_y = x[pos_rows, pos_cols]
         per_class, g = negative_terms(x, shift, t, kappa)  # g: sigmoid(z), in x's storage
@@ -208,7 +208,7 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
         else:  # the step of these rows, now, from their gradient (the embedding gradient used the old rows)
             grad_chunk = torch.mm(g_mm.t(), weighted)
             positions = slice(start, stop) if index is None else index[start:stop]
-            update(positions, rows_w, grad_chunk if grad_chunk.dtype == dtype else grad_chunk.to(dtype))
+            update(positions, rows_w, grad_chunk.to(dtype))
     loss = ((1.0 - alpha) * negative_sum + positive_sum) * (terms.loss_weight / (r * num_samples))
     if need_grads:
         grads = (grad_embeddings.mul_(grad_scale), grad_rows, grad_bias.mul_(grad_scale / r))
@@ -323,8 +323,8 @@ class SphereFace2Head(ShardedHead):
         self.bias = nn.Parameter(torch.tensor(initial_bias(num_classes, alpha, r, m, t, margin)))
         self.sample_rate = float(sample_rate)
         self.seed = seed
-        # training forwards so far: with seed and rank it fixes the next draw (sampling) and the
-        # next stochastic rounding (bfloat16 storage); restore it on resume to repeat both
+        # forwards that drew random numbers so far (a class sample, or the rounding of a fused
+        # step): with seed and rank it fixes the next draws; restore it on resume to repeat them
         self.sample_step = 0
         self.last_sampled_rows: torch.Tensor | None = None  # local rows used by the last forward (sampling only)
         self.step_optimizer = None  # a FusedStepSGD when the rows are stepped in the forward
@@ -349,6 +349,10 @@ class SphereFace2Head(ShardedHead):
             f"{super().extra_repr()}, margin={self.margin}, alpha={self.alpha}, r={self.r}, "
             f"m={self.m}, t={self.t}, loss_weight={self.loss_weight}, sample_rate={self.sample_rate}"
         )
+
+    @property
+    def sparse_row_grad(self) -> bool:
+        return self.sample_rate < 1.0
 
     def sample_rows(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(used local rows [S] ascending, the weight of each one's terms [S]) for this step.
@@ -385,8 +389,9 @@ class SphereFace2Head(ShardedHead):
             generator = self._step_generator(self.weight.device, 1) if self.weight.dtype == torch.bfloat16 else None
             update = functools.partial(self.step_optimizer.update_rows_, self.weight, generator=generator)
         elif self.weight.dtype == torch.bfloat16 and self.weight.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("rows stored in bfloat16 are trained with the fused step only (call fuse_step with a "
-                               "FusedStepSGD); a separate optimizer would do its math, and round, in bfloat16")
+            raise RuntimeError("rows stored in bfloat16 are trained by the fused step only (fuse_step with a "
+                               "FusedStepSGD, head in train mode); a separate optimizer would do its math, and "
+                               "round, in bfloat16")
         if update is not None and index is None:  # (sample_rows counted this forward already)
             self.sample_step += 1
         if self.implementation == "fused":

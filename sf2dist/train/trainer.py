@@ -22,7 +22,7 @@ from sf2dist import comm, parallel
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
 from sf2dist.eval import ExtractOptions, evaluate_benchmark
-from sf2dist.heads import FusedStepSGD, PartialFCHead, SampledRowsSGD, SphereFace2Head
+from sf2dist.heads import PartialFCHead, SphereFace2Head, make_head_sgd
 from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
@@ -91,15 +91,9 @@ class Trainer:
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
-        if cfg.head.step == "fused":
-            # the rows are stepped inside the head's forward, chunk by chunk; step() does the bias
-            self.head_optimizer = FusedStepSGD(groups, lr=self.head_lr, momentum=cfg.optim.momentum,
-                                               weight_decay=cfg.optim.weight_decay)
-            self.head.fuse_step(self.head_optimizer)
-        elif isinstance(self.head, SphereFace2Head) and cfg.head.sample_rate < 1.0:
-            # sampled SphereFace2: only the sampled rows (sparse gradient) are read and updated
-            self.head_optimizer = SampledRowsSGD(groups, lr=self.head_lr, momentum=cfg.optim.momentum,
-                                                 weight_decay=cfg.optim.weight_decay)
+        if cfg.optim.name == "sgd":  # fused into the head's forward, row-sparse when sampled, or plain
+            self.head_optimizer = make_head_sgd(self.head, groups, lr=self.head_lr, momentum=cfg.optim.momentum,
+                                                weight_decay=cfg.optim.weight_decay, fused_step=cfg.head.step == "fused")
         else:
             self.head_optimizer = optim.make_optimizer(groups, cfg.optim, self.head_lr)
         self.loss_scale = optim.LossScale(cfg.engine.precision == "fp16")
