@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inter-gbs", type=float, default=None, help="projection: inter-node bandwidth per rank, GB/s (e.g. InfiniBand)")
     p.add_argument("--inter-latency-us", type=float, default=None)
     args = p.parse_args(argv)
+    if args.memory_classes is not None and args.memory_classes < 0:
+        p.error(f"--memory-classes must be 0 (skip the table) or a positive class count, got {args.memory_classes}")
     if args.project and None in (args.intra_gbs, args.intra_latency_us, args.inter_gbs, args.inter_latency_us):
         p.error("--project needs the link parameters: --intra-gbs, --intra-latency-us, --inter-gbs, --inter-latency-us")
     return args

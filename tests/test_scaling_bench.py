@@ -109,3 +109,9 @@ def test_head_memory_table(tmp_path):
     for method, storage in (("sphereface2", "float32"), ("sphereface2_fstep", "float32"),
                             ("sphereface2_fstep_bf16", "bfloat16")):
         assert f"| {method} | {storage} |" in text
+
+
+def test_negative_memory_classes_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/scaling_bench.py", "--quick", "--memory-classes", "-5",
+                           "--out-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--memory-classes must be 0 (skip the table) or a positive class count" in proc.stderr
