@@ -6,17 +6,22 @@
 
 Several --config files compose (later wins); --set section.key=value overrides any key.
 A run directory that already holds checkpoints resumes from the newest (run.resume).
+SIGTERM or SIGUSR1, from the first moment: every rank finishes its step, a checkpoint is
+written, status.json says "preempted" and the process exits with status 75.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sf2dist import parallel
-from sf2dist.config import ConfigError, load_config
+from sf2dist import stop
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop.install()  # before the imports below: a stop request while the job starts is not lost
+    from sf2dist import parallel
+    from sf2dist.config import ConfigError, load_config
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -29,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sf2dist.train import Trainer  # torch and the rest load after the config is known to be sound
-    from sf2dist.train.trainer import EXIT_PREEMPTED
 
     try:
         trainer = Trainer(cfg)
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         parallel.shutdown()
     if summary["preempted"]:
-        return EXIT_PREEMPTED
+        stop.ignore()
+        return stop.EXIT_PREEMPTED
     if trainer.rank == 0:
         for name, metrics in summary["eval"].items():
             print(f"{name}: verification accuracy {100 * metrics['accuracy']:.2f} ± "

@@ -33,6 +33,7 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "value": result}, out)
+        dist.barrier()  # leave together: gloo torn down on one rank while a peer still talks can abort it
     except BaseException:  # report any failure to the parent instead of hanging it
         torch.save({"ok": False, "value": traceback.format_exc()}, out)
         raise

@@ -240,3 +240,33 @@ def test_decoding_into_a_buffer_gives_the_same_pixels(encode):
     wrong = np.zeros((SIZE, SIZE + 1, 3), dtype=np.uint8)
     other = decode_image(data, wrong)  # another shape: a new array, the buffer untouched
     assert other.shape == (SIZE, SIZE, 3) and not wrong.any()
+
+
+WORKERS_THEN_CRASH = """
+import os, signal, sys, time
+from sf2dist.data import make_loader
+loader = make_loader(sys.argv[1], batch_size=4, rank=0, world_size=1, num_workers=2, seed=7)
+batches = iter(loader)
+next(batches), next(batches)  # batches go to the workers in turn: both have started
+workers = [child.pid for child in __import__("multiprocessing").active_children()]
+for pid in workers:  # what SLURM does to every process of a job step: the workers must live on
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGUSR1)
+time.sleep(0.5)
+next(batches)
+print("workers", len(workers), flush=True)
+raise RuntimeError("a crash while the workers are up")
+"""
+
+
+def test_workers_ignore_stop_signals_and_never_keep_a_crashed_process_alive(shard_dir):
+    """Workers outlive SIGTERM/SIGUSR1 sent to them, yet a process that fails with its workers
+    up exits (Python's exit handler ends daemonic workers with SIGTERM and then waits for them)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", WORKERS_THEN_CRASH, str(shard_dir)], capture_output=True,
+                            text=True, timeout=60)
+    assert "workers 2" in result.stdout, result.stderr
+    assert result.returncode == 1 and "a crash while the workers are up" in result.stderr
+    assert "killed by signal" not in result.stderr and "exited unexpectedly" not in result.stderr, result.stderr

@@ -27,12 +27,17 @@ so that batch sizes and counts stay equal on every rank.
 """
 from __future__ import annotations
 
+import atexit
 import bisect
+import functools
 import itertools
 import math
+import multiprocessing
+import multiprocessing.util  # its exit handler registered before ours, so ours runs first
 import os
 import signal
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -235,12 +240,29 @@ class _StepSampler(Sampler):
         return self.batches_per_epoch - self.start_step
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """SLURM signals the whole process group; a worker that died of SIGTERM/SIGUSR1 would take
-    the rank down before it could checkpoint. The trainer handles them; the main process
-    shuts its workers down when it exits."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+def _worker_started(shared, worker_id: int) -> None:
+    """SLURM signals every process of a job step; a worker that died of SIGTERM/SIGUSR1 would
+    take the rank down before it could checkpoint, so workers ignore both (the trainer handles
+    them) until the main process says it is closing the loader. Python's multiprocessing ends
+    daemonic workers at exit with SIGTERM and then waits for them: `ShardLoader.close` (run
+    at exit, before that) raises the flag first, so the workers exit cleanly then."""
+    pids, closing = shared
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0) if closing.value else None)
+    pids[worker_id] = os.getpid()
+
+
+def _close_workers(shared) -> None:
+    pids, closing = shared
+    closing.value = 1
+    children = {child.pid: child for child in multiprocessing.active_children()}
+    ours = [children[pid] for pid in pids if pid in children]  # live workers of this process only
+    for child in ours:
+        child.terminate()
+    for child in ours:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
 
 
 class ShardLoader:
@@ -259,6 +281,10 @@ class ShardLoader:
         self.device = torch.device(device or "cpu")
         self._sampler = _StepSampler(batches.batches_per_epoch)
         self.set_epoch(epoch, start_step)
+        # the workers' pids and the "closing" flag, shared with them (see _worker_started)
+        workers = (multiprocessing.RawArray("q", max(num_workers, 1)), multiprocessing.RawValue("b", 0))
+        self._finalizer = weakref.finalize(self, _close_workers, workers)
+        atexit.register(self._finalizer)  # before multiprocessing's own exit handler: the last registered runs first
         self._loader = DataLoader(
             batches,
             batch_size=None,  # the dataset returns whole batches
@@ -267,7 +293,11 @@ class ShardLoader:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_worker_started, workers),
+            # Its own generator for the workers' base seed (unused: the randomness here is hashed
+            # from seed and epoch): starting an iterator never draws from the global RNG, so the
+            # RNG state a resumed run restores stays in step with an uninterrupted run.
+            generator=torch.Generator(),
         )
 
     @property
@@ -300,6 +330,10 @@ class ShardLoader:
 
     def __len__(self) -> int:
         return len(self._sampler)
+
+    def close(self) -> None:
+        """End the worker processes now (they ignore SIGTERM); the loader cannot be iterated after."""
+        self._finalizer()
 
     def uint8_batches(self):
         """The current epoch's (images uint8 [b, H, W, 3], labels) as the workers produce them."""

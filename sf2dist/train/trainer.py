@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import signal
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sf2dist import comm, parallel
+from sf2dist import comm, parallel, stop
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
 from sf2dist.eval import ExtractOptions, evaluate_benchmark
@@ -27,12 +27,7 @@ from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
 from sf2dist.train.metrics import RunLog, plot_run
-
-
-# A worker that stopped for a SIGTERM/SIGUSR1 after checkpointing exits with this status
-# (EX_TEMPFAIL), and RUN_DIR/status.json says "preempted": launch/slurm/train.sbatch requeues.
-EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from sf2dist.stop import EXIT_PREEMPTED  # noqa: F401  (launch/train.py's exit status after a stop)
 
 
 class BadStepsError(RuntimeError):
@@ -105,11 +100,7 @@ class Trainer:
         self.state = checkpoint.TrainerState(world_size=self.world_size, batch_size=cfg.data.batch_size)
         self.consecutive_bad = 0
         self.log = None
-        self.stop_requested = False  # set by a signal on this rank
-        self.stop_everywhere = False  # some rank got one: decided together in the step's all-reduce
-
-    def _on_signal(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_everywhere = False  # some rank got a stop signal: decided together in the step's all-reduce
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> dict:
@@ -120,29 +111,50 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         comm.barrier()
         self._resume()
+        resumed_step = self.state.step
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             self.log = RunLog(self.run_dir, config_to_dict(cfg), cfg.logging)
+            self._write_status("running", resumed_step)
         progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", mininterval=2.0,
                         dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
         self.engine.train()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        installed = stop.install()  # launch/train.py installed it at start; a Trainer used in-process does here
         try:
             results = self._loop(stop_step, progress)
+        except BaseException as err:
+            if self.rank == 0:  # "failed" is never requeued by launch/slurm/train.sbatch
+                self._write_status("failed", resumed_step, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if installed:
+                stop.uninstall()
             progress.close()
         summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, "eval": results,
                    "preempted": self.stop_everywhere}
-        if self.rank == 0:
-            state = "preempted" if self.stop_everywhere else "finished" if self.state.step == self.total_steps else "stopped"
-            (self.run_dir / "status.json").write_text(json.dumps({"state": state, "step": self.state.step,
-                                                                  "total_steps": self.total_steps}))
         if self.log is not None:
             self.log.finish()
             summary["plot"] = str(plot_run(self.run_dir))
+        if self.rank == 0:  # last: "preempted" tells the SLURM script that everything is on disk
+            state = "preempted" if self.stop_everywhere else "finished" if self.state.step == self.total_steps else "stopped"
+            self._write_status(state, resumed_step)
+        # Leave together: under srun --kill-on-bad-exit, a rank that exits while rank 0 still writes
+        # would have the whole step killed before the status is on disk.
+        comm.barrier()
         return summary
+
+    def _write_status(self, state: str, resumed_step: int, **extra) -> None:
+        """RUN_DIR/status.json, replaced atomically: what the run is doing, and for which SLURM job."""
+        record = {"state": state, "step": self.state.step, "total_steps": self.total_steps,
+                  "resumed_from_step": resumed_step, "time": time.time(), **extra}
+        if "SLURM_JOB_ID" in os.environ:  # the requeue check compares these with the job that reads it
+            record["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+            record["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if stop.requested():
+            record["signals"] = stop.received()
+        partial = self.run_dir / "status.json.partial"
+        partial.write_text(json.dumps(record, indent=1) + "\n")
+        partial.replace(self.run_dir / "status.json")
 
     def _loop(self, stop_step: int, progress) -> dict:
         cfg = self.cfg
@@ -212,9 +224,9 @@ class Trainer:
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
             loss_share += self.head.loss_share(loss)
-        norm, loss, stop = optim.global_grad_norm_and_loss(
-            self.engine.grad_sq_norm(), self.head, loss_share, flag=self.stop_requested)
-        self.stop_everywhere = stop
+        norm, loss, stop_everywhere = optim.global_grad_norm_and_loss(
+            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested())
+        self.stop_everywhere = stop_everywhere
         norm /= scale
         finite = math.isfinite(norm) and math.isfinite(loss)
         if finite:

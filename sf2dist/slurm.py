@@ -1,0 +1,120 @@
+"""The decisions launch/slurm/train.sbatch takes in Python: may this job start, and requeue it?
+
+    python -m sf2dist.slurm prepare CONFIG [--set key=value ...]   prints the run directory
+    python -m sf2dist.slurm requeue RUN_DIR                         exit 0: requeue, 1: do not
+
+`prepare` runs once on the batch node before any rank starts, so that a job that cannot work
+fails at once with the reason in its log (and is not requeued): a config error, missing data
+or evaluation files, or a config that wants CUDA where torch sees none.
+
+`requeue` says yes only when RUN_DIR/status.json says "preempted" and was written by this
+very job and restart (SLURM_JOB_ID, SLURM_RESTART_COUNT): the ranks write that state last,
+after the checkpoint is complete. A crash, a config error, a finished run or a status left by
+an earlier restart never requeues, so a failing job cannot loop.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sf2dist.config import Config, ConfigError, load_config
+
+
+class NotReady(ValueError):
+    """The job cannot start; the message says why and what to change."""
+
+
+def check_ready(cfg: Config, cuda_available: bool | None = None) -> None:
+    """Refuse a job that would fail after it got its nodes, or silently train on the CPU."""
+    manifest = Path(cfg.data.train) / "manifest.json" if cfg.data.train else None
+    if manifest is None or not manifest.is_file():
+        raise NotReady(f"data.train={cfg.data.train!r}: no manifest.json there; convert the data first "
+                       "(sf2dist-convert) or point data.train at a shard directory")
+    missing = [str(p) for p in cfg.eval.benchmarks if not Path(p).exists()]
+    if missing:
+        raise NotReady(f"eval.benchmarks: {', '.join(missing)} not found")
+    if cfg.engine.device == "cpu":
+        return
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available:
+        raise NotReady(
+            f"engine.device={cfg.engine.device} wants CUDA, but the torch in {sys.prefix} sees no GPU here "
+            f"(torch {_torch_version()}). Install a CUDA build of torch into the venv (make install TORCH=cu126), "
+            "request GPUs (--gpus-per-node), or set engine.device=cpu to train on CPUs on purpose")
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def should_requeue(run_dir: Path, env: dict | None = None) -> tuple[bool, str]:
+    """(requeue?, why) from RUN_DIR/status.json and this job's SLURM_JOB_ID / SLURM_RESTART_COUNT."""
+    env = os.environ if env is None else env
+    path = Path(run_dir) / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False, f"{path} does not exist: the ranks never started training"
+    except (OSError, ValueError) as err:
+        return False, f"{path} is unreadable ({err})"
+    state = status.get("state")
+    job = env.get("SLURM_JOB_ID")
+    restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if job is not None and (status.get("slurm_job_id"), status.get("slurm_restart_count")) != (job, restart):
+        return False, (f"{path} was written by job {status.get('slurm_job_id')} restart "
+                       f"{status.get('slurm_restart_count')}, not by this job {job} restart {restart}: "
+                       "the ranks of this one did not get to write it")
+    if state != "preempted":
+        detail = f": {status['error']}" if status.get("error") else ""
+        return False, f"the run's state is {state!r} at step {status.get('step')}{detail}"
+    return True, f"preempted at step {status.get('step')} of {status.get('total_steps')} with a checkpoint"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sf2dist.slurm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser("prepare", help="check that the job can start; print its run directory")
+    prepare.add_argument("config", help="YAML config file")
+    prepare.add_argument("rest", nargs=argparse.REMAINDER, help="--set key=value ... as given to train.py")
+    requeue = commands.add_parser("requeue", help="exit 0 if the job should be requeued")
+    requeue.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+
+    if args.command == "requeue":
+        decision, why = should_requeue(args.run_dir)
+        print(f"sf2dist: {'requeue' if decision else 'no requeue'}: {why}", file=sys.stderr)
+        return 0 if decision else 1
+
+    configs, overrides, rest = [args.config], [], list(args.rest)
+    while rest:
+        flag = rest.pop(0)
+        if flag in ("--set", "--config") and rest:
+            (overrides if flag == "--set" else configs).append(rest.pop(0))
+        else:
+            print(f"sf2dist: unexpected argument {flag!r}: train.sbatch takes CONFIG [--config FILE] "
+                  "[--set key=value ...]", file=sys.stderr)
+            return 2
+    try:
+        cfg = load_config(configs, overrides)
+        check_ready(cfg)
+    except ConfigError as err:
+        print(f"sf2dist: config error: {err}", file=sys.stderr)
+        return 2
+    except NotReady as err:
+        print(f"sf2dist: cannot start: {err}", file=sys.stderr)
+        return 2
+    print(Path(cfg.run.dir).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

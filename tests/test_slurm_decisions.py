@@ -1,0 +1,73 @@
+"""What launch/slurm/train.sbatch decides in Python, without a cluster: may a job start, and
+is a stopped run requeued (only a "preempted" status written by this very job and restart)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sf2dist import slurm
+from sf2dist.config import load_config
+
+JOB = {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"}
+
+
+def _status(tmp_path, **record):
+    (tmp_path / "status.json").write_text(json.dumps(record))
+    return tmp_path
+
+
+def test_requeue_only_a_preemption_of_this_job_and_restart(tmp_path):
+    preempted = {"state": "preempted", "step": 7, "total_steps": 9, "slurm_job_id": "42", "slurm_restart_count": 1}
+    decision, why = slurm.should_requeue(_status(tmp_path, **preempted), JOB)
+    assert decision and "preempted at step 7 of 9" in why
+    for changed, words in [({"slurm_restart_count": 0}, "not by this job 42 restart 1"),
+                           ({"slurm_job_id": "41"}, "written by job 41"),
+                           ({"state": "running"}, "state is 'running'"),
+                           ({"state": "finished"}, "state is 'finished'"),
+                           ({"state": "failed", "error": "ValueError: bad label"}, "ValueError: bad label")]:
+        decision, why = slurm.should_requeue(_status(tmp_path, **{**preempted, **changed}), JOB)
+        assert not decision and words in why, why
+
+
+def test_no_status_or_a_broken_one_never_requeues(tmp_path):
+    decision, why = slurm.should_requeue(tmp_path, JOB)
+    assert not decision and "does not exist" in why
+    (tmp_path / "status.json").write_text('{"state": "preem')  # never half-written by the trainer, but still
+    decision, why = slurm.should_requeue(tmp_path, JOB)
+    assert not decision and "unreadable" in why
+
+
+def _config(tmp_path, **settings):
+    train = tmp_path / "train"
+    train.mkdir(exist_ok=True)
+    (train / "manifest.json").write_text("{}")
+    values = {"data.train": str(train), "engine.device": "cpu", "eval.benchmarks": "[]", **settings}
+    return load_config([], [f"{k}={v}" for k, v in values.items()])
+
+
+def test_ready_checks_data_benchmarks_and_cuda(tmp_path):
+    slurm.check_ready(_config(tmp_path))
+    slurm.check_ready(_config(tmp_path, **{"engine.device": "cuda"}), cuda_available=True)
+    with pytest.raises(slurm.NotReady, match="no manifest.json there"):
+        slurm.check_ready(_config(tmp_path, **{"data.train": str(tmp_path / "elsewhere")}))
+    with pytest.raises(slurm.NotReady, match="lfw.bin not found"):
+        slurm.check_ready(_config(tmp_path, **{"eval.benchmarks": f"[{tmp_path / 'lfw.bin'}]"}))
+    for device in ("cuda", "auto"):  # auto on a GPU job that got no GPU would train on the CPU for days
+        with pytest.raises(slurm.NotReady, match=f"engine.device={device} wants CUDA"):
+            slurm.check_ready(_config(tmp_path, **{"engine.device": device}), cuda_available=False)
+
+
+def test_prepare_prints_the_run_directory_or_says_what_is_wrong(tmp_path, capsys):
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "manifest.json").write_text("{}")
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps({"data": {"train": str(train)}, "engine": {"device": "cpu"},
+                                  "run": {"dir": str(tmp_path / "run")}, "eval": {"benchmarks": []}}))
+    assert slurm.main(["prepare", str(config), "--set", "optim.lr=0.2"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "run")
+    assert slurm.main(["prepare", str(config), "--set", "optim.lrr=0.2"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert slurm.main(["prepare", str(config), "--resume"]) == 2
+    assert "unexpected argument '--resume'" in capsys.readouterr().err
