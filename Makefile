@@ -4,29 +4,39 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
-# Where a CPU-only machine gets its torch when no local CPU wheel is found.
-TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Which torch build `make install` puts into .venv: TORCH=cpu (the default) or a CUDA build named
+# by PyTorch's wheel index, e.g. `make install TORCH=cu126`. A torch already in .venv is kept
+# unless TORCH is given on the command line and names another build. Decide it here, not by
+# what the machine running make has: a venv built on a GPU-less login node serves GPU jobs.
+TORCH ?= cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage clean
+.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage gpu-check clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The torch check runs every time: `make install TORCH=cu126` on a CPU venv switches it.
+$(VENV)/.installed: pyproject.toml Makefile FORCE_TORCH_CHECK
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
-	$(PY) -m pip install -q -e ".[deepspeed,dev]"
-	touch $@
+	@$(MAKE) --no-print-directory torch
+	@test -f $@ -a $@ -nt pyproject.toml -a $@ -nt Makefile || $(PY) -m pip install -q -e ".[deepspeed,dev]"
+	@touch $@
+.PHONY: FORCE_TORCH_CHECK
 
-# With CUDA present, the user's own CUDA build (or PyPI's default one); without, only a CPU
-# build: a "+cpu" wheel if pip can find one, else the CPU index. Never a multi-GB CUDA build.
+# torch into .venv: kept if present (and TORCH not given on the command line), else the build
+# TORCH names. The CPU build comes from a local "+cpu" wheel if pip finds one, else the CPU index.
 torch:
-	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	  echo "CUDA found: installing torch from the default index"; \
-	  $(PY) -m pip install -q "torch>=2.1"; \
-	else \
-	  echo "No CUDA: installing the CPU build of torch $(TORCH_VERSION)"; \
+	@have=$$($(PY) -c "import torch; print('cpu' if torch.version.cuda is None else 'cu' + torch.version.cuda.replace('.', ''))" 2>/dev/null); \
+	if [ -n "$$have" ] && { [ "$(origin TORCH)" = file ] || [ "$$have" = "$(TORCH)" ]; }; then \
+	  exit 0; \
+	fi; \
+	echo "installing torch $(TORCH_VERSION), $(TORCH) build$${have:+ (replacing the $$have build)}"; \
+	if [ "$(TORCH)" = cpu ]; then \
 	  $(PY) -m pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
-	    || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX); \
+	    || $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX); \
+	else \
+	  $(PY) -m pip install -q --force-reinstall --no-deps "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX) \
+	    && $(PY) -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_INDEX); \
 	fi
 
 test: install
@@ -59,6 +69,13 @@ scaling-bench: install
 # (three 2-process CPU trainings, about 4 minutes each); writes docs/benchmarks.md.
 bench-head-storage: install demo-data
 	$(PY) launch/bench_head_storage.py --data $(DEMO_DATA) --docs docs/benchmarks.md
+
+# On a machine with NVIDIA GPUs (and `make install TORCH=cu126` or your own CUDA torch): the CUDA
+# tests, host syncs per step, end-to-end and head speed at 1M identities, the largest head per
+# GPU, and the NCCL scaling bench on 2+ GPUs; about 8 minutes on one GPU. Writes
+# runs/gpu-check/report.json and the GPU section of docs/benchmarks.md.
+gpu-check: install
+	$(PY) launch/gpu_check.py --out-dir runs/gpu-check --docs docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -100,6 +101,20 @@ def _point_worker(rank: int, world: int, port: int, method: str, settings, devic
         comm.barrier()  # leave together: a rank tearing gloo down while a peer still talks can abort it
     finally:
         parallel.shutdown()
+    _leave()
+
+
+def _leave() -> None:
+    """Exit a rank whose figures are on disk and whose process group is gone.
+
+    Now and then (more often on a loaded machine) torch 2.13's CPU build aborts in its C++
+    static destructors after Python has finished ("terminate called without an active
+    exception", no Python frame on the stack), which would turn a measured point into a failed
+    run: leave without running them.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_point(method: str, settings, world: int, device: torch.device) -> dict:
@@ -218,7 +233,7 @@ def main(argv=None) -> None:
             out = args.out_dir / f"points-w{info.world_size}.json"
             out.write_text(json.dumps({"settings": settings.__dict__, "points": points}, indent=2))
             print(f"wrote {out}")
-        return
+        _leave()
     world_sizes = [int(w) for w in args.world_sizes.split(",")] if args.world_sizes else default_world_sizes(device)
     if device.type == "cuda" and max(world_sizes) > torch.cuda.device_count():
         raise SystemExit(f"--world-sizes {max(world_sizes)} exceeds the {torch.cuda.device_count()} GPU(s) here")

@@ -2,8 +2,9 @@
 
 The heads need four things: the per-rank batch sizes, an all-gather of embeddings whose
 backward is a reduce-scatter, an all-gather of labels, and a few all-reduces. Each call is
-recorded in `stats` (calls, bytes, seconds per collective kind) so that tests and benchmarks
-can read what a step communicated. `bytes` is the size of the full buffer the collective
+recorded in `stats` (calls, bytes, seconds per collective kind, counted without limit, and
+the kind and bytes of the last `LOG_SIZE` calls in order) so that tests and benchmarks can read
+what a step communicated. `bytes` is the size of the full buffer the collective
 produces or consumes on this rank: the gathered tensor for an all-gather, the unscattered
 input for a reduce-scatter, the tensor itself for an all-reduce.
 
@@ -13,7 +14,7 @@ and records nothing, so single-process code runs the same path as distributed co
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from contextlib import contextmanager
 
 import torch
@@ -23,10 +24,17 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 # torch >= 2.13 names the tensor-in/tensor-out collectives *_single; older releases *_tensor.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Calls `CommStats.log` keeps: a head's step issues five or six, and readers reset the stats
+# before the step they read; the log stays this size however long the run is.
+LOG_SIZE = 4096
 
 
 class CommStats:
-    """Calls, bytes and seconds per collective kind since the last `reset()`."""
+    """Calls, bytes and seconds per collective kind since the last `reset()`.
+
+    `log` holds (kind, bytes) of the last `LOG_SIZE` of those calls, oldest first; the
+    counters of `snapshot()` count every call.
+    """
 
     def __init__(self) -> None:
         self.sync_cuda_for_timing = False  # synchronise around CUDA collectives to time them
@@ -36,7 +44,7 @@ class CommStats:
         self._calls: dict[str, int] = defaultdict(int)
         self._bytes: dict[str, int] = defaultdict(int)
         self._seconds: dict[str, float] = defaultdict(float)
-        self.log: list[tuple[str, int]] = []  # (kind, bytes) of every call, in order
+        self.log: deque[tuple[str, int]] = deque(maxlen=LOG_SIZE)  # (kind, bytes) of the last calls, in order
 
     def record(self, kind: str, nbytes: int, seconds: float) -> None:
         self._calls[kind] += 1

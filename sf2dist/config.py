@@ -107,6 +107,9 @@ class EngineConfig:
     zero_stage: int = field(default=1, metadata=_choices(1, 2))  # deepspeed only
     precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
     device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    # CUDA: false lets cuDNN time and pick its fastest kernels (cudnn.benchmark); true asks torch
+    # for deterministic kernels instead (slower), for bitwise resume on a GPU
+    deterministic: bool = False
 
 
 @dataclass

@@ -22,10 +22,16 @@ class ProcessInfo:
     local_rank: int
     local_world_size: int
     source: str  # "torchrun", "slurm" or "single"
+    variables: tuple[str, ...] = ()  # the environment variables the numbers came from
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self) -> str:
+        used = ", ".join(self.variables) or "no launcher variables"
+        return (f"rank {self.rank} of {self.world_size}, local rank {self.local_rank} of {self.local_world_size} "
+                f"({self.source}: {used})")
 
 
 def _env_int(env: dict, name: str) -> int:
@@ -46,22 +52,47 @@ def discover(env: dict | None = None) -> ProcessInfo:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size = _env_int(env, "RANK"), _env_int(env, "WORLD_SIZE")
-        local_rank = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        local_world = _env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world_size
+        used = ["RANK", "WORLD_SIZE"]
         source = "torchrun"
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world_size = _env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS")
-        local_rank = _env_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]  # e.g. "8(x4)"
-        local_world = int(per_node) if per_node.isdigit() else 1
+        used = ["SLURM_PROCID", "SLURM_NTASKS"]
         source = "slurm"
     else:
         return ProcessInfo(0, 1, 0, 1, "single")
+    # The place on this node. Without a local rank the global one stands in: the GPU index is
+    # taken modulo the visible GPUs (cuda_device_index), so rank 9 of an 8-GPU node gets GPU 1.
+    local_rank, local_world = rank, world_size
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if name in env:
+            local_rank = _env_int(env, name)
+            used.append(name)
+            break
+    if "LOCAL_WORLD_SIZE" in env:
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE")
+        used.append("LOCAL_WORLD_SIZE")
+    elif "SLURM_NTASKS_PER_NODE" in env and source == "slurm":
+        per_node = env["SLURM_NTASKS_PER_NODE"].split("(")[0]  # e.g. "8(x4)"
+        local_world = int(per_node) if per_node.isdigit() else 1
+        used.append("SLURM_NTASKS_PER_NODE")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"{source}: rank {rank} is not within world size {world_size}")
     if not 0 <= local_rank < max(local_world, 1):
         raise ValueError(f"{source}: local rank {local_rank} is not within local world size {local_world}")
-    return ProcessInfo(rank, world_size, local_rank, local_world, source)
+    return ProcessInfo(rank, world_size, local_rank, local_world, source, tuple(used))
+
+
+def cuda_device_index(info: ProcessInfo, visible: int) -> int:
+    """This process's GPU among the `visible` ones: its local rank modulo their number.
+
+    With one GPU per task (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank) every
+    process sees a single device, index 0, whatever its local rank; with all of a node's GPUs
+    visible, local rank r takes GPU r.
+    """
+    if visible < 1:
+        raise ValueError(f"{info.describe()}: CUDA was requested but no GPU is visible "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+    return info.local_rank % visible
 
 
 def init_distributed(
@@ -79,7 +110,7 @@ def init_distributed(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+        device = torch.device("cuda", cuda_device_index(info, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

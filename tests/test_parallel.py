@@ -48,3 +48,21 @@ def test_discover_rejects_inconsistent_variables():
         discover({"RANK": "4", "WORLD_SIZE": "4"})
     with pytest.raises(ValueError, match="RANK='x' is not an integer"):
         discover({"RANK": "x", "WORLD_SIZE": "4"})
+
+
+def test_the_gpu_is_the_local_rank_modulo_the_visible_gpus():
+    from sf2dist.parallel import cuda_device_index
+
+    # all 8 GPUs of a node visible: local rank r takes GPU r, even under torchrun on node 2
+    info = discover({"RANK": "9", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"})
+    assert cuda_device_index(info, 8) == 1
+    assert "LOCAL_RANK" in info.describe() and "rank 9 of 16" in info.describe()
+    # srun with one GPU per task: SLURM_LOCALID 5, but the task sees one device, index 0
+    info = discover({"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_NTASKS_PER_NODE": "8"})
+    assert cuda_device_index(info, 1) == 0 and cuda_device_index(info, 8) == 5
+    assert "SLURM_LOCALID" in info.describe()
+    # no local rank given: the global rank stands in, modulo the visible GPUs (never GPU 9 of 8)
+    info = discover({"RANK": "9", "WORLD_SIZE": "16"})
+    assert cuda_device_index(info, 8) == 1 and info.variables == ("RANK", "WORLD_SIZE")
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        cuda_device_index(info, 0)

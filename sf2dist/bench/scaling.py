@@ -53,6 +53,7 @@ class BenchSettings:
     warmup: int = 3
     steps: int = 10
     threads_per_rank: int = 1  # CPU ranks: one core each, the analogue of one GPU each
+    compile_elementwise: bool | None = None  # the heads' choice (None: compiled on CUDA with Triton)
 
     def __post_init__(self) -> None:
         if self.num_classes < 2 or self.embedding_dim < 1 or self.batch_per_rank < 1:
@@ -104,9 +105,10 @@ def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
     if spec.head == "sphereface2":
         storage = torch.bfloat16 if spec.bf16_storage else torch.float32
         return SphereFace2Head(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
-                               process_group=group, storage_dtype=storage)
+                               process_group=group, storage_dtype=storage,
+                               compile_elementwise=settings.compile_elementwise)
     return PartialFCHead(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
-                         process_group=group)
+                         process_group=group, compile_elementwise=settings.compile_elementwise)
 
 
 def _sync(device: torch.device) -> None:

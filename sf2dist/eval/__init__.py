@@ -2,20 +2,33 @@
 
 Modules: `bin_io` (safe `.bin` and pair-list loading), `metrics` (10-fold accuracy, exact
 ROC, TAR@FAR, EER, AUC), `ijb` (template pooling, 1:1 and 1:N), `extract` (flip-fused
-embeddings across ranks), `evaluate` (model + benchmark -> numbers), `results` (table,
-JSON, ROC plot), `checkpoint` (backbones from checkpoints) and `cli` (`sf2dist-eval`).
+embeddings across ranks), `evaluate` (model + benchmark -> numbers; benchmarks prepared
+once per run for training), `results` (table, JSON, ROC plot), `checkpoint` (backbones from
+checkpoints) and `cli` (`sf2dist-eval`).
 """
 from sf2dist.eval.bin_io import (
     BenchmarkFormatError,
+    EncodedPairs,
     PairSet,
     UnsafePickleError,
     load_bin,
     load_pair_list,
     load_pairs,
+    read_bin,
+    read_pair_list,
+    read_pairs,
 )
 from sf2dist.eval.checkpoint import CheckpointError, build_backbone, load_backbone, newest_checkpoint, read_checkpoint
-from sf2dist.eval.evaluate import BenchmarkResult, ExtractOptions, evaluate_benchmark, evaluate_pairs
-from sf2dist.eval.extract import extract_embeddings, image_slice
+from sf2dist.eval.evaluate import (
+    BenchmarkResult,
+    ExtractOptions,
+    PreparedBenchmark,
+    evaluate_benchmark,
+    evaluate_pairs,
+    evaluate_prepared,
+    prepare_benchmark,
+)
+from sf2dist.eval.extract import embed_images, extract_embeddings, gather_embeddings, image_slice
 from sf2dist.eval.ijb import (
     IJBImages,
     IJBProtocol,
@@ -51,11 +64,13 @@ __all__ = [
     "BenchmarkResult",
     "CheckpointError",
     "DISTANCE_THRESHOLDS",
+    "EncodedPairs",
     "ExtractOptions",
     "FAR_TARGETS",
     "IJBImages",
     "IJBProtocol",
     "PairSet",
+    "PreparedBenchmark",
     "Roc",
     "TemplateSubjects",
     "UnsafePickleError",
@@ -63,11 +78,14 @@ __all__ = [
     "best_accuracy",
     "build_backbone",
     "cosine_scores",
+    "embed_images",
     "equal_error_rate",
     "evaluate_benchmark",
     "evaluate_pairs",
+    "evaluate_prepared",
     "extract_embeddings",
     "format_table",
+    "gather_embeddings",
     "identification_metrics",
     "ijb_metrics",
     "image_slice",
@@ -81,7 +99,11 @@ __all__ = [
     "pair_metrics",
     "plot_roc",
     "pool_templates",
+    "prepare_benchmark",
+    "read_bin",
     "read_checkpoint",
+    "read_pair_list",
+    "read_pairs",
     "roc_auc",
     "roc_curve",
     "roc_summary",

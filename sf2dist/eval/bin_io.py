@@ -10,14 +10,19 @@ files go through `SafeUnpickler`, which admits only the globals such files are m
 
 Any other global is refused before it is looked up, with an `UnsafePickleError` naming it and
 the file. The synthetic held-out sets of `sf2dist.data` use the same layout (protocol 4).
+
+`read_bin`, `read_pair_list` and `read_pairs` read and check a pair set without decoding its
+images (`EncodedPairs`), so that a rank decodes only the images it embeds
+(`EncodedPairs.decode(start, stop)`); the `load_*` functions decode every image.
 """
 from __future__ import annotations
 
 import _codecs
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -144,43 +149,107 @@ def _validated_pairs(obj: Any, path: Path) -> tuple[list[bytes], np.ndarray]:
     return images, labels
 
 
-def _decode_all(encoded: list[bytes], where: list[str]) -> np.ndarray:
-    """Decode every image into one uint8 [N, H, W, 3] array; all must share one size."""
-    images: np.ndarray | None = None
-    for index, data in enumerate(encoded):
-        try:
-            image = decode_image(data)
-        except ImageDecodeError as err:
-            raise BenchmarkFormatError(f"{where[index]}: {err}") from err
-        if images is None:
-            images = np.empty((len(encoded), *image.shape), dtype=np.uint8)
-        elif image.shape != images.shape[1:]:
+def stack_images(
+    images: Iterable[np.ndarray], where: Sequence[str], image_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Stack decoded RGB images (`len(where)` of them) into one uint8 [N, H, W, 3] array.
+
+    All must share one size: `image_size` (H, W) when given, else the first image's.
+    `where[i]` names image i in the `BenchmarkFormatError` that reports one of another size.
+    """
+    stacked: np.ndarray | None = None
+    for index, image in enumerate(images):
+        if stacked is None:
+            shape = (*image_size, 3) if image_size is not None else image.shape
+            stacked = np.empty((len(where), *shape), dtype=np.uint8)
+        if image.shape != stacked.shape[1:]:
+            reference = "the model takes" if image_size is not None else "the first one is"
             raise BenchmarkFormatError(
-                f"{where[index]}: image is {image.shape[1]}x{image.shape[0]} but the first one is "
-                f"{images.shape[2]}x{images.shape[1]}; every image of a benchmark must have the model's input size"
+                f"{where[index]}: image is {image.shape[1]}x{image.shape[0]} but {reference} "
+                f"{stacked.shape[2]}x{stacked.shape[1]}; every image of a benchmark must have the model's input size"
             )
-        images[index] = image
-    assert images is not None
-    return images
+        stacked[index] = image
+    assert stacked is not None and index == len(where) - 1
+    return stacked
 
 
-def load_bin(path: str | os.PathLike) -> PairSet:
-    """Read an InsightFace `.bin` verification file (or a synthetic held-out set) safely.
+def _decoded(data: bytes, where: str) -> np.ndarray:
+    try:
+        return decode_image(data)
+    except ImageDecodeError as err:
+        raise BenchmarkFormatError(f"{where}: {err}") from err
 
-    Returns the decoded images (uint8 [2n, H, W, 3]) and the n same/different labels.
+
+@dataclass(frozen=True, eq=False)
+class EncodedPairs:
+    """A pair set read and checked, its images not decoded yet.
+
+    Pair i shows images 2i and 2i+1; image k is the distinct image `image_index[k]`, held as
+    encoded bytes (a `.bin`) or named by its file (a pair list, read when decoded).
+    """
+
+    path: Path
+    sources: list[bytes] | list[Path] = field(repr=False)  # [D] distinct images
+    image_index: np.ndarray = field(repr=False)  # int64 [2n], into sources
+    issame: np.ndarray = field(repr=False)  # bool [n]
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_index)
+
+    def _where(self, source: int) -> str:
+        found = self.sources[source]
+        return str(found) if isinstance(found, Path) else f"{self.path}: image {source}"
+
+    def _encoded(self, source: int) -> bytes:
+        found = self.sources[source]
+        if not isinstance(found, Path):
+            return found
+        try:
+            return found.read_bytes()
+        except OSError as err:
+            raise BenchmarkFormatError(f"{self.path}: cannot read image {found}: {err.strerror}") from err
+
+    def decode(self, start: int = 0, stop: int | None = None, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Images [start, stop) as uint8 [stop - start, H, W, 3] (see `stack_images` for `image_size`).
+
+        Only the distinct images in that range are read and decoded, each once.
+        """
+        stop = self.num_images if stop is None else stop
+        if not 0 <= start < stop <= self.num_images:
+            raise ValueError(f"images [{start}, {stop}) are not a non-empty range of the {self.num_images} of {self.path}")
+        wanted = self.image_index[start:stop]
+        distinct, slot = np.unique(wanted, return_inverse=True)  # slot: wanted[k] == distinct[slot[k]]
+        decoded = stack_images(
+            (_decoded(self._encoded(source), self._where(source)) for source in distinct),
+            [self._where(source) for source in distinct],
+            image_size,
+        )
+        # A .bin's images are all distinct and in order: no copy of the decoded array then.
+        return decoded if np.array_equal(distinct, wanted) else decoded[slot]
+
+    def load(self) -> PairSet:
+        """Every image decoded, with the labels."""
+        return PairSet(self.decode(), self.issame)
+
+
+def read_bin(path: str | os.PathLike) -> EncodedPairs:
+    """Read and check an InsightFace `.bin` verification file (or a synthetic held-out set) safely.
+
     Raises `UnsafePickleError` if the pickle names any global outside the allow-list and
     `BenchmarkFormatError` if its content is not (list of 2n encoded images, n bools).
     """
     path = Path(path)
     images, labels = _validated_pairs(_load_pickle(path), path)
-    return PairSet(_decode_all(images, [f"{path}: image {i}" for i in range(len(images))]), labels)
+    return EncodedPairs(path, images, np.arange(len(images), dtype=np.int64), labels)
 
 
-def load_pair_list(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> PairSet:
-    """Read a pair list: one `label path0 path1` per line, label 1 (same) or 0 (different).
+def read_pair_list(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> EncodedPairs:
+    """Read and check a pair list: one `label path0 path1` per line, label 1 (same) or 0 (different).
 
     Relative image paths are taken from `image_root`, by default the list's own folder.
-    Blank lines and lines starting with `#` are skipped. Each distinct image is decoded once.
+    Blank lines and lines starting with `#` are skipped. Every image must be a file; none is
+    read until it is decoded.
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
@@ -204,20 +273,22 @@ def load_pair_list(path: str | os.PathLike, image_root: str | os.PathLike | None
         image_paths.extend([root / fields[1], root / fields[2]])
     if not labels:
         raise BenchmarkFormatError(f"{path}: no pairs found")
-    distinct = list(dict.fromkeys(image_paths))
-    encoded = []
-    for image_path in distinct:
-        try:
-            encoded.append(image_path.read_bytes())
-        except OSError as err:
-            raise BenchmarkFormatError(f"{path}: cannot read image {image_path}: {err.strerror}") from err
-    decoded = _decode_all(encoded, [str(p) for p in distinct])
-    position = {image_path: i for i, image_path in enumerate(distinct)}
-    return PairSet(decoded[[position[p] for p in image_paths]], np.array(labels, dtype=np.bool_))
+    position: dict[Path, int] = {}
+    for image_path in image_paths:
+        position.setdefault(image_path, len(position))
+    for image_path in position:
+        if not image_path.is_file():
+            raise BenchmarkFormatError(f"{path}: cannot read image {image_path}: no such file")
+    return EncodedPairs(
+        path,
+        list(position),
+        np.array([position[p] for p in image_paths], dtype=np.int64),
+        np.array(labels, dtype=np.bool_),
+    )
 
 
-def load_pairs(path: str | os.PathLike) -> PairSet:
-    """A `.bin` pickle (recognised by its first byte) or a text pair list."""
+def read_pairs(path: str | os.PathLike) -> EncodedPairs:
+    """A `.bin` pickle (recognised by its first byte) or a text pair list, read and checked."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -225,7 +296,22 @@ def load_pairs(path: str | os.PathLike) -> PairSet:
     except OSError as err:
         raise BenchmarkFormatError(f"cannot read benchmark {path}: {err.strerror}") from err
     if first == PICKLE_MAGIC:
-        return load_bin(path)
+        return read_bin(path)
     if path.suffix == ".bin":
         raise BenchmarkFormatError(f"{path}: a .bin verification file must be a pickle (protocol 2 or higher)")
-    return load_pair_list(path)
+    return read_pair_list(path)
+
+
+def load_bin(path: str | os.PathLike) -> PairSet:
+    """`read_bin` with every image decoded: uint8 [2n, H, W, 3] and the n same/different labels."""
+    return read_bin(path).load()
+
+
+def load_pair_list(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> PairSet:
+    """`read_pair_list` with every image decoded (each distinct image once)."""
+    return read_pair_list(path, image_root).load()
+
+
+def load_pairs(path: str | os.PathLike) -> PairSet:
+    """`read_pairs` with every image decoded."""
+    return read_pairs(path).load()

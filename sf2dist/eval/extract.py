@@ -4,7 +4,9 @@ The embedding of an image is backbone(image) + backbone(horizontally flipped ima
 (DESIGN.md). Pixels are prepared by `sf2dist.imageio.to_tensor`, as in training. With a
 process group, rank r embeds the contiguous slice of images given by the shard arithmetic
 of `sf2dist.parallel.class_range`, and `sf2dist.comm.all_gather_variable` concatenates the
-slices, so every rank returns every embedding, in input order.
+slices, so every rank returns every embedding, in input order. `embed_images` and
+`gather_embeddings` are the two halves, for callers that hold only their own slice of the
+images (`sf2dist.eval.evaluate.prepare_benchmark`).
 """
 from __future__ import annotations
 
@@ -47,26 +49,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def extract_embeddings(
+def embed_images(
     model: nn.Module,
     images: Sequence[np.ndarray],
+    start: int = 0,
+    stop: int | None = None,
     batch_size: int = 128,
     flip: bool = True,
     device: str | torch.device | None = None,
-    group: dist.ProcessGroup | None = None,
     num_workers: int = 0,
-) -> np.ndarray:
-    """Embed `images` (a sequence of RGB uint8 [H, W, 3], e.g. an array [N, H, W, 3]).
+) -> torch.Tensor:
+    """Embed `images[start:stop]` in this process alone: float32 [stop - start, dim] on `device`.
 
-    Returns float32 [N, dim] on every rank. `flip=True` fuses each image with its mirror
+    `images` is a sequence of RGB uint8 [H, W, 3] (e.g. an array [N, H, W, 3]); batches of
+    `batch_size` are taken from `start` on. `flip=True` fuses each image with its mirror
     image by summing the two embeddings. `device` defaults to the model's. The model is run
-    in eval mode and left in the mode it was given in. Pass the bare backbone, not a DDP
-    wrapper. Under a process group every rank of `group` must call this with the same images.
+    in eval mode and left in the mode it was given in. Pass the bare backbone, not a DDP wrapper.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    rank, world_size = comm.rank_and_world(group)
-    start, stop = image_slice(len(images), rank, world_size)
+    stop = len(images) if stop is None else stop
     device = torch.device(device) if device is not None else _model_device(model)
     loader = DataLoader(
         _ImageTensors(images, start, stop),
@@ -89,7 +91,33 @@ def extract_embeddings(
                 if flip:
                     outputs = outputs[: len(batch)] + outputs[len(batch) :]
                 chunks.append(outputs.float())
-            local = torch.cat(chunks)  # [stop - start, dim]
-            return comm.all_gather_variable(local, group).cpu().numpy()
+            return torch.cat(chunks)  # [stop - start, dim]
     finally:
         model.train(was_training)
+
+
+def gather_embeddings(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> np.ndarray:
+    """Every rank's embeddings [n_r, dim], concatenated in rank order: float32 [sum n_r, dim] on every rank."""
+    with torch.inference_mode():
+        return comm.all_gather_variable(local, group).cpu().numpy()
+
+
+def extract_embeddings(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    batch_size: int = 128,
+    flip: bool = True,
+    device: str | torch.device | None = None,
+    group: dist.ProcessGroup | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Embed `images` (a sequence of RGB uint8 [H, W, 3], e.g. an array [N, H, W, 3]).
+
+    Returns float32 [N, dim] on every rank: each rank embeds its `image_slice` with
+    `embed_images` (same arguments) and `gather_embeddings` joins the slices. Under a
+    process group every rank of `group` must call this with the same images.
+    """
+    rank, world_size = comm.rank_and_world(group)
+    start, stop = image_slice(len(images), rank, world_size)
+    local = embed_images(model, images, start, stop, batch_size, flip, device, num_workers)
+    return gather_embeddings(local, group)

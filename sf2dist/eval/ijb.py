@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sf2dist.eval.bin_io import BenchmarkFormatError
+from sf2dist.eval.bin_io import BenchmarkFormatError, stack_images
 from sf2dist.eval.metrics import FAR_TARGETS, Roc, rate_table, roc_curve, roc_summary, tar_at_far
 from sf2dist.imageio import ImageDecodeError, decode_image
 
@@ -349,7 +349,8 @@ def load_ijb(root: str | os.PathLike) -> IJBProtocol:
         except ValueError as err:
             raise BenchmarkFormatError(f"{landmark_path}: expected numbers after each image name: {err}") from err
         landmarks, face_scores = values[:, :10].reshape(-1, 5, 2), values[:, 10]
-    pairs, pair_labels = _read_template_pairs(meta / f"{prefix}_template_pair_label.txt")
+    pair_path = meta / f"{prefix}_template_pair_label.txt"
+    pairs, pair_labels = _read_template_pairs(pair_path)
     probe_path = meta / f"{prefix}_1N_probe_mixed.csv"
     gallery_paths = sorted(meta.glob(f"{prefix}_1N_gallery_*.csv"))
     if probe_path.exists() != bool(gallery_paths):
@@ -357,6 +358,14 @@ def load_ijb(root: str | os.PathLike) -> IJBProtocol:
             f"{meta}: 1:N needs both {probe_path.name} and {prefix}_1N_gallery_<NAME>.csv files; only one kind is present"
         )
     galleries = {p.stem[len(f"{prefix}_1N_gallery_") :]: _read_template_subjects(p) for p in gallery_paths}
+    probes = _read_template_subjects(probe_path) if probe_path.exists() else None
+    # Checked here rather than after the images are embedded: a template without images is a broken benchmark.
+    templates = np.unique(ids[:, 0])
+    _rows_of(templates, pairs, f"template pairs of {pair_path}")
+    if probes is not None:
+        _rows_of(templates, probes.templates, f"1:N probes of {probe_path}")
+        for path, gallery in zip(gallery_paths, galleries.values()):
+            _rows_of(templates, gallery.templates, f"1:N gallery templates of {path}")
     return IJBProtocol(
         name=root.name,
         image_paths=[image_dir / name for name in names],
@@ -366,7 +375,7 @@ def load_ijb(root: str | os.PathLike) -> IJBProtocol:
         face_scores=face_scores,
         pairs=pairs,
         pair_labels=pair_labels,
-        probes=_read_template_subjects(probe_path) if probe_path.exists() else None,
+        probes=probes,
         galleries=galleries,
     )
 
@@ -387,6 +396,17 @@ class IJBImages(Sequence):
         except (OSError, ImageDecodeError) as err:
             raise BenchmarkFormatError(f"{path}: {err}") from err
         return image if self.landmarks is None else align_face(image, self.landmarks[index])
+
+    def decode(self, start: int = 0, stop: int | None = None, image_size: tuple[int, int] | None = None) -> np.ndarray:
+        """Images [start, stop) read, decoded and aligned into one uint8 [stop - start, H, W, 3] array.
+
+        Every image must have one size: `image_size` (H, W) when given (see `stack_images`).
+        """
+        stop = len(self) if stop is None else stop
+        if not 0 <= start < stop <= len(self):
+            raise ValueError(f"images [{start}, {stop}) are not a non-empty range of the {len(self)} images")
+        indices = range(start, stop)
+        return stack_images((self[i] for i in indices), [str(self.paths[i]) for i in indices], image_size)
 
 
 def ijb_metrics(protocol: IJBProtocol, embeddings: np.ndarray) -> tuple[dict, Roc]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sf2dist import comm
-from sf2dist.heads.chunked import check_implementation
+from sf2dist.heads import chunked
 from sf2dist.parallel import class_range
 
 # Rows are initialised in fixed blocks of global classes, each from its own seeded generator,
@@ -43,9 +43,44 @@ def init_class_rows(start: int, stop: int, embedding_dim: int, seed: int,
     return rows
 
 
-def upcast(cos: torch.Tensor) -> torch.Tensor:
-    """Cosines from a bf16/fp16 matmul in float32: the loss math never runs in half precision."""
-    return cos.float() if cos.dtype in (torch.float16, torch.bfloat16) else cos
+class _Cosines(torch.autograd.Function):
+    """embeddings [N, D] @ weight[S, D]^T in the loss math's precision (float32 under autocast).
+
+    Under autocast the product runs in the autocast dtype and is read into float32, and the
+    backward's two matmuls run in `chunked.grad_mm_dtype` (bfloat16 under fp16 too): autograd
+    through an fp16 linear would form the weight and embedding gradients in fp16, which
+    flushes the small gradients of negative classes to zero (see there).
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings, weight):
+        mm_dtype = chunked.autocast_dtype(embeddings.device)
+        grad_dtype = chunked.grad_mm_dtype(mm_dtype) or embeddings.dtype
+        ctx.dtypes = embeddings.dtype, weight.dtype
+        ctx.save_for_backward(embeddings.to(grad_dtype), weight.to(grad_dtype))
+        with torch.autocast(embeddings.device.type, enabled=False):
+            if mm_dtype is None:
+                return torch.mm(embeddings, weight.t())
+            return torch.mm(embeddings.to(mm_dtype), weight.to(mm_dtype).t()).to(embeddings.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_cos):
+        embeddings, weight = ctx.saved_tensors
+        embeddings_dtype, weight_dtype = ctx.dtypes
+        grad_cos = grad_cos.to(embeddings.dtype)
+        grad_embeddings = grad_weight = None
+        with torch.autocast(grad_cos.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                grad_embeddings = torch.mm(grad_cos, weight).to(embeddings_dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.mm(grad_cos.t(), embeddings).to(weight_dtype)
+        return grad_embeddings, grad_weight
+
+
+def cosines(embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, S] products of unit-norm embeddings and rows for the reference heads: float32 under
+    autocast too, so the loss math never runs in half precision; gradients keep float32's range."""
+    return _Cosines.apply(embeddings, weight)
 
 
 class ShardedHead(nn.Module):
@@ -77,7 +112,7 @@ class ShardedHead(nn.Module):
         storage_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        check_implementation(implementation, chunk_size)
+        chunked.check_implementation(implementation, chunk_size)
         if storage_dtype not in self.storage_dtypes or (storage_dtype != torch.float32 and implementation != "fused"):
             raise ValueError(f"{type(self).__name__} keeps its rows in {', '.join(map(str, self.storage_dtypes))} "
                              f"(other than float32 with implementation='fused' only), not {storage_dtype}")
@@ -96,6 +131,17 @@ class ShardedHead(nn.Module):
         self.implementation, self.chunk_size, self.compile_elementwise = implementation, chunk_size, compile_elementwise
         self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed,
                                                    storage_dtype))
+        self.seed = seed
+        # forwards that drew random numbers so far (a class sample, or the rounding of a fused
+        # step): with seed and rank it fixes the next draws; restore it on resume to repeat them
+        self.sample_step = 0
+
+    def step_generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
+        """The random stream of this step on this rank, on `device` (a draw there needs no copy
+        from the host): 0 for the class draw, 1 for the rounding of a fused step."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step) ^ (stream << 48))
+        return generator
 
     def extra_repr(self) -> str:
         return (

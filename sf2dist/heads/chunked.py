@@ -1,5 +1,5 @@
 """What the fused heads share: cutting the local classes into chunks, finding the true classes
-in each chunk, the matmul precision under autocast, and compiling a chunk's elementwise math.
+in each chunk, the matmul precisions under autocast, and compiling a chunk's elementwise math.
 
 A fused head walks over its (used) class rows in chunks of `chunk_size`: per chunk it forms the
 [N, chunk] cosines, turns them into loss and dL/dcos in place, and folds them into the embedding
@@ -78,6 +78,20 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def grad_mm_dtype(mm_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype of the matmuls that form gradients when the cosine matmul runs in `mm_dtype`.
+
+    Under fp16 autocast a head has no loss scale, and the entries of dL/dcos of a negative
+    class (SphereFace2 at a large class count's bias, or a softmax probability far from the
+    target) and the row gradients they sum to lie around 1e-9 .. 1e-7: below fp16's smallest
+    subnormal (6e-8) they flush to zero, and rows are starved of gradient. bfloat16 has the
+    exponent range of float32 at the speed of fp16 on tensor cores, so the gradient matmuls run
+    in bfloat16 under either half-precision autocast (their results are read into float32);
+    the cosine matmul keeps fp16's finer mantissa. None (autocast off): the loss math's dtype.
+    """
+    return torch.bfloat16 if mm_dtype in (torch.float16, torch.bfloat16) else mm_dtype
+
+
 def mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out = a @ b, with `out` in float32/float64 and a, b possibly in a half type (autocast)."""
     if a.dtype == out.dtype:
@@ -120,14 +134,45 @@ def should_compile(compile_elementwise: bool | None, device: torch.device) -> bo
 
 
 def elementwise(fn: Callable, compiled: bool) -> Callable:
-    """`fn`, or its torch.compile'd version (built once per function, shapes dynamic)."""
+    """`fn`, or its torch.compile'd version (built once per function, shapes dynamic), which
+    falls back to `fn` for good if compiling fails (see `_CompiledOrEager`)."""
     if not compiled:
         return fn
     if fn not in _COMPILED:
+        _COMPILED[fn] = _CompiledOrEager(fn)
+    return _COMPILED[fn]
+
+
+_compile_warned = False
+
+
+class _CompiledOrEager:
+    """torch.compile compiles at the first call, and on a host without a C compiler or Python's
+    headers (Triton builds a small C launcher) that call fails deep inside Inductor. Then the
+    function runs eagerly from that call on (same results, slower), with one warning per process."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.failed = fn, False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _COMPILED[fn] = torch.compile(fn, dynamic=True)
-    return _COMPILED[fn]
+            self.compiled = torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - any compiler failure; the eager call below re-raises real errors
+                self.failed = True
+                global _compile_warned
+                if not _compile_warned:
+                    _compile_warned = True
+                    reason = (str(err).strip().splitlines() or [""])[0][:300]
+                    warnings.warn(
+                        f"torch.compile of the head's elementwise math failed ({type(err).__name__}: {reason}); "
+                        "running it eagerly instead (slower on a GPU). Triton needs a C compiler (gcc) and "
+                        "Python's headers; or set the heads' compile_elementwise=False to skip compiling.",
+                        RuntimeWarning, stacklevel=2)
+        return self.fn(*args, **kwargs)
 
 
 def take_grads(ctx, names: tuple[str, ...]) -> Iterator[torch.Tensor | None]:

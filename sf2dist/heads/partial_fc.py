@@ -7,7 +7,9 @@ cross entropy's normaliser spans all shards, so every step all-reduces the row m
 
 With `sample_rate < 1`, each rank keeps every class of the global batch that it holds and
 samples the rest of its shard uniformly up to `sample_rate * num_local_classes` classes
-(Partial FC); only the kept rows take part in the step.
+(Partial FC); only the kept rows take part in the step. The draw is made on the rows' device
+from a generator seeded with (seed, rank, `sample_step`), as SphereFace2's: restore
+`sample_step` on resume to repeat a run's draws. At rate 1 nothing is drawn or indexed.
 
 The default (fused) implementation never holds the [N, S_local] logits: a first pass over
 chunks of classes keeps a running row maximum and sum of exponentials (a streaming
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from sf2dist import comm
 from sf2dist.heads import chunked
-from sf2dist.heads.base import ShardedHead, upcast
+from sf2dist.heads.base import ShardedHead, cosines
 
 MARGINS = {"cosface": 0.4, "arcface": 0.5}  # name -> default m
 
@@ -102,12 +104,15 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
 
     embeddings [N, D] unit-norm; weight [C_local, D] raw rows (normalised on the fly, the
     normalisation's Jacobian applied to their gradient); index [S] ascending (or None: all).
+    `mm_dtype` (autocast's, or None): the precision of the cosine matmuls; the gradient matmuls
+    run in `chunked.grad_mm_dtype` of it (a softmax probability far from the target underflows fp16).
     """
     exp_logits = chunked.elementwise(_exp_logits, compiled)
     grad_from_exp = chunked.elementwise(_grad_from_exp, compiled)
     num_samples, dim = embeddings.shape
     dtype = embeddings.dtype
     mm = mm_dtype or dtype
+    grad_mm = chunked.grad_mm_dtype(mm_dtype) or dtype
     weight = weight.detach()
     embeddings = embeddings.detach()
     num_columns = weight.shape[0] if index is None else index.numel()
@@ -150,7 +155,7 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
     if not need_grads:
         return loss, None
     row_scale = (s / num_samples) / total  # [N]
-    weighted = (embeddings * row_scale.unsqueeze(1)).to(mm)  # [N, D]
+    weighted = (embeddings * row_scale.unsqueeze(1)).to(grad_mm)  # [N, D]
     grad_embeddings = torch.zeros(num_samples, dim, dtype=dtype, device=weight.device)  # until times row_scale
     grad_weight = (torch.empty_like if index is None else torch.zeros_like)(weight)
     for start, stop in reversed(bounds):
@@ -163,8 +168,8 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
         else:
             e = exp_logits(chunk_matmul(rows_mm), inv, pos_rows, pos_cols, targets[part], row_max)[0]
         g = grad_from_exp(e, inv, pos_rows, pos_cols, total)
-        g_mm = g.to(mm)
-        chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
+        g_mm = g.to(grad_mm)
+        chunked.addmm_into(grad_embeddings, g_mm, rows_mm if grad_mm == mm else rows_w.to(grad_mm))
         grad_rows = torch.mm(g_mm.t(), weighted)  # dL/dw_hat / |w|  [c, D]
         grad_rows = grad_rows.to(weight.dtype)
         # dL/dw = (dL/dw_hat - w_hat (w_hat . dL/dw_hat)) / |w|, or dL/dw_hat / eps where |w| <= eps
@@ -248,36 +253,49 @@ class PartialFCHead(ShardedHead):
             raise ValueError(f"margin m must be non-negative, got {self.m}")
         self.sample_rate = float(sample_rate)
         self.num_sample = max(1, int(self.sample_rate * self.num_local_classes))
-        # Each rank samples its own shard, so each rank has its own stream.
-        self._sampler = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (self.rank + 1))
-        self.last_sampled_classes: torch.Tensor | None = None  # global ids kept in the last step
+        self._last_kept: torch.Tensor | slice | None = None  # local classes the last forward kept (slice: all)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, margin={self.margin}, s={self.s}, m={self.m}, sample_rate={self.sample_rate}"
 
-    def sample_classes(self, local_positive: torch.Tensor) -> torch.Tensor:
-        """Sorted local class indices to keep: all of `local_positive`, the rest uniform."""
+    @property
+    def last_sampled_classes(self) -> torch.Tensor | None:
+        """Global ids of the classes the last forward kept, ascending (None before any forward).
+        Formed when asked: a step at rate 1 keeps every class without listing them."""
+        if isinstance(self._last_kept, slice):
+            return torch.arange(self.class_start, self.class_stop, device=self.weight.device)
+        return None if self._last_kept is None else self._last_kept + self.class_start
+
+    def sample_classes(self, local_positive: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local class indices to keep: all of `local_positive`, the rest uniform; None
+        when every class is kept (then nothing is drawn and no index is formed)."""
         if self.num_sample >= self.num_local_classes:
-            return torch.arange(self.num_local_classes, device=local_positive.device)
-        scores = torch.rand(self.num_local_classes, generator=self._sampler).to(local_positive.device)
+            return None
+        device = self.weight.device
+        generator = self.step_generator(device)
+        self.sample_step += 1
+        scores = torch.rand(self.num_local_classes, generator=generator, device=device)
         scores[local_positive] = 2.0  # above any uniform draw: always kept
-        keep = max(self.num_sample, int(local_positive.unique().numel()))
-        return scores.topk(keep).indices.sort().values
+        keep = self.num_sample
+        if local_positive.numel() > keep:  # the batch may hold more classes here: count them (a host sync)
+            keep = max(keep, int((scores > 1.0).sum()))
+        if keep >= self.num_local_classes:
+            return None
+        return scores.topk(keep, sorted=False).indices.sort().values
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gathered, gathered_labels, _ = self.gather_batch(embeddings, labels)
         here = (gathered_labels >= self.class_start) & (gathered_labels < self.class_stop)
         rows = here.nonzero().squeeze(1)
         local_labels = gathered_labels[rows] - self.class_start
-        kept = self.sample_classes(local_labels)  # [S_local]
-        self.last_sampled_classes = kept + self.class_start
+        kept = self.sample_classes(local_labels)  # [S_local], or None: every class
+        self._last_kept = slice(None) if kept is None else kept
         if self.implementation == "fused":
-            index = None if kept.numel() == self.num_local_classes else kept
             return _FusedShardedMarginCrossEntropy.apply(
-                F.normalize(gathered, dim=1), self.weight, rows, local_labels, index, self.margin, self.s, self.m,
+                F.normalize(gathered, dim=1), self.weight, rows, local_labels, kept, self.margin, self.s, self.m,
                 self.chunk_size, self.process_group, chunked.should_compile(self.compile_elementwise, gathered.device),
             )
-        weight = self.weight if kept.numel() == self.num_local_classes else self.weight[kept]
-        cols = torch.searchsorted(kept, local_labels)  # positions of the true classes among the kept
-        cos = upcast(F.linear(F.normalize(gathered, dim=1), F.normalize(weight, dim=1)))  # [N, S_local]
+        weight = self.weight if kept is None else self.weight[kept]
+        cols = local_labels if kept is None else torch.searchsorted(kept, local_labels)  # among the kept
+        cos = cosines(F.normalize(gathered, dim=1), F.normalize(weight, dim=1))  # [N, S_local]
         return _ShardedMarginCrossEntropy.apply(cos, rows, cols, self.margin, self.s, self.m, self.process_group)

@@ -40,7 +40,7 @@ from torch import nn
 
 from sf2dist import comm
 from sf2dist.heads import chunked
-from sf2dist.heads.base import ShardedHead, upcast
+from sf2dist.heads.base import ShardedHead, cosines
 
 MARGINS = ("C", "A", "M")
 
@@ -149,12 +149,14 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
     used, ascending; class_weight [S] (or None): the weight of each used row's terms.
     `update(rows, values, grad)` (fused step): instead of returning dL/d(rows), hand each chunk's
     row gradient, with the chunk's float32 rows, to it as soon as the chunk is done (it steps
-    them); the row gradient returned is then None.
+    them); the row gradient returned is then None. `mm_dtype` (autocast's, or None): the
+    precision of the cosine matmul; the gradient matmuls run in `chunked.grad_mm_dtype` of it.
     """
     alpha, r, t = terms.alpha, terms.r, terms.t
     num_samples, dim = embeddings.shape
     dtype = embeddings.dtype  # the loss math's precision (float32 under autocast too)
     mm = mm_dtype or dtype
+    grad_mm = chunked.grad_mm_dtype(mm_dtype) or dtype  # bfloat16 under fp16: gradients keep float32's range
     weight = weight.detach()
     stored = weight.dtype  # float32, or bfloat16 storage (read into float32 chunk by chunk)
     num_columns = weight.shape[0] if index is None else index.numel()
@@ -172,7 +174,7 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
     positive_sum = torch.zeros((), dtype=dtype, device=weight.device)
     grads = None
     if need_grads:
-        weighted = (embeddings * grad_scale).to(mm)  # [N, D]: g^T @ weighted = dL/d(rows)
+        weighted = (embeddings * grad_scale).to(grad_mm)  # [N, D]: g^T @ weighted = dL/d(rows)
         grad_embeddings = torch.zeros(num_samples, dim, dtype=dtype, device=weight.device)
         grad_rows = None if update else torch.empty(num_columns, dim, dtype=weight.dtype, device=weight.device)
         grad_bias = torch.zeros((), dtype=dtype, device=weight.device)
@@ -201,8 +203,8 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
         if cw is not None:  # the batch's own classes (all positives) have weight 1
             g.mul_(cw)
         grad_bias += g.sum()
-        g_mm = g.to(mm)
-        chunked.addmm_into(grad_embeddings, g_mm, rows_mm)
+        g_mm = g.to(grad_mm)
+        chunked.addmm_into(grad_embeddings, g_mm, rows_mm if grad_mm == mm else rows_w.to(grad_mm))
         if update is None:
             chunked.mm_into(grad_rows[start:stop], g_mm.t(), weighted)
         else:  # the step of these rows, now, from their gradient (the embedding gradient used the old rows)
@@ -256,7 +258,8 @@ class SphereFace2Head(ShardedHead):
     renormalised to unit norm at every forward) and `bias`, the scalar shared by all classes,
     identical on every rank. `forward(embeddings [b, D], labels [b] int64)` returns this
     rank's share of the loss (see the module docstring); the loss math runs in float32 even
-    when the cosine matmuls run in bf16/fp16 under autocast.
+    when the cosine matmuls run in bf16/fp16 under autocast (the gradient matmuls then run in
+    bf16, whose range holds the tiny gradients of negative classes: `chunked.grad_mm_dtype`).
 
     `sample_rate` < 1 samples the classes absent from the batch (module docstring);
     `implementation`, `chunk_size` and `compile_elementwise` are described in `ShardedHead`.
@@ -322,10 +325,6 @@ class SphereFace2Head(ShardedHead):
         self.terms = LossTerms(self.alpha, self.r, self.m, self.t, margin, self.loss_weight)
         self.bias = nn.Parameter(torch.tensor(initial_bias(num_classes, alpha, r, m, t, margin)))
         self.sample_rate = float(sample_rate)
-        self.seed = seed
-        # forwards that drew random numbers so far (a class sample, or the rounding of a fused
-        # step): with seed and rank it fixes the next draws; restore it on resume to repeat them
-        self.sample_step = 0
         self.last_sampled_rows: torch.Tensor | None = None  # local rows used by the last forward (sampling only)
         self.step_optimizer = None  # a FusedStepSGD when the rows are stepped in the forward
 
@@ -337,12 +336,6 @@ class SphereFace2Head(ShardedHead):
             raise TypeError(f"fuse_step needs an optimizer with update_rows_ (FusedStepSGD), got {type(optimizer).__name__}")
         optimizer._group_of(self.weight)  # ValueError when it does not hold this head's rows
         self.step_optimizer = optimizer
-
-    def _step_generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
-        """The random stream of this step on this rank: 0 for the class draw, 1 for the rounding."""
-        generator = torch.Generator(device=device)
-        generator.manual_seed(((self.seed * 1_000_003 + self.rank) * 1_000_033 + self.sample_step) ^ (stream << 48))
-        return generator
 
     def extra_repr(self) -> str:
         return (
@@ -366,12 +359,14 @@ class SphereFace2Head(ShardedHead):
         num_present = int(present.sum())
         num_absent = self.num_local_classes - num_present
         num_drawn = min(num_absent, math.ceil(self.sample_rate * num_absent))
-        generator = self._step_generator(device)
+        generator = self.step_generator(device)
         self.sample_step += 1
         scores = torch.rand(self.num_local_classes, generator=generator, device=device)
         scores[present] = 2.0  # above any uniform draw: always kept
         index = scores.topk(num_present + num_drawn, sorted=False).indices.sort().values
-        class_weight = torch.ones(index.numel(), dtype=self.weight.dtype, device=device)
+        # float32 at least: rounded to bfloat16 storage's precision, M / k would be off by up to 0.2 %
+        class_weight = torch.ones(index.numel(), dtype=torch.promote_types(self.weight.dtype, torch.float32),
+                                  device=device)
         if num_drawn:
             class_weight[~present[index]] = num_absent / num_drawn
         return index, class_weight
@@ -386,7 +381,7 @@ class SphereFace2Head(ShardedHead):
             index, class_weight = self.sample_rows(cols)
         self.last_sampled_rows = index
         if self.step_optimizer is not None and self.training and torch.is_grad_enabled():
-            generator = self._step_generator(self.weight.device, 1) if self.weight.dtype == torch.bfloat16 else None
+            generator = self.step_generator(self.weight.device, 1) if self.weight.dtype == torch.bfloat16 else None
             update = functools.partial(self.step_optimizer.update_rows_, self.weight, generator=generator)
         elif self.weight.dtype == torch.bfloat16 and self.weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("rows stored in bfloat16 are trained by the fused step only (fuse_step with a "
@@ -411,7 +406,7 @@ class SphereFace2Head(ShardedHead):
         else:  # the used rows, with a sparse gradient, as the fused path gives
             weight = F.embedding(index, self.weight, sparse=True)
             cols = torch.searchsorted(index, cols)
-        cos = upcast(F.linear(F.normalize(gathered, dim=1), weight))  # [N, S]
+        cos = cosines(F.normalize(gathered, dim=1), weight)  # [N, S]
         return _ShardLoss.apply(cos, self.bias, rows, cols, class_weight, self.terms, self.process_group)
 
     def loss_share(self, loss: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ One checkpoint is a directory, `RUN_DIR/checkpoints/step_00001200/`:
                     batch size), the loss scale and the resolved config;
     head-00003.pt   rank r: its rows, tagged with their global class range
                     [class_start, class_stop), and their optimiser state (momentum, Adam
-                    moments), plus rank r's RNG state;
+                    moments), plus rank r's RNG states (CPU, and CUDA where it was used);
     backbone_optimizer.pt (DDP) or deepspeed/ (DeepSpeed): the engine's state.
 
 No file depends on the world size that wrote it: a run on W' ranks reads, for its own class
@@ -66,6 +66,53 @@ def _row_state(state: dict, rows: int) -> tuple[dict, dict]:
     return per_row, {k: v for k, v in state.items() if k not in per_row}
 
 
+def state_on_param(state: dict, param: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimiser state of `param` placed as `torch.optim.Optimizer.load_state_dict` places it.
+
+    Every tensor goes to the parameter's device, a floating-point one in the parameter's dtype
+    when that is floating point too; 0-dim state (the SGD momentum of the SphereFace2 bias, the
+    Adam moments of any scalar parameter) as well, or the first step on CUDA mixes devices.
+    `step` stays as saved (on the CPU, where torch keeps it) unless the parameter's group is
+    fused or capturable, whose kernels read it on the device as float32.
+    """
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), {})
+    step_on_device = group.get("fused") or group.get("capturable")
+    placed = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value):
+            placed[key] = value
+        elif key == "step":
+            placed[key] = value.to(device=param.device, dtype=torch.float32) if step_on_device else value
+        elif value.is_floating_point() and param.is_floating_point():
+            placed[key] = value.to(device=param.device, dtype=param.dtype)
+        else:
+            placed[key] = value.to(device=param.device)
+    return placed
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    """Every visible device's CUDA RNG state, or none where this process never initialised CUDA:
+    then its generators still hold what `torch.manual_seed` queued, which a resumed run queues
+    again, and a CPU run on a GPU machine does not create a CUDA context just to save."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.get_rng_state_all()
+    return []
+
+
+def _restore_cuda_rng_states(saved: list[torch.Tensor]) -> None:
+    """Device i gets saved state i, for every i both the saved list and this process have.
+
+    That covers the device this rank trains on when it sees the devices it saw at save time.
+    Devices beyond a shorter saved list keep their seeded state; saved states beyond this
+    process's devices are dropped. `set_rng_state` is applied lazily, at CUDA's initialisation
+    if that has not happened yet, so a CPU run does not initialise CUDA here either.
+    """
+    if not torch.cuda.is_available():
+        return
+    for index, state in enumerate(saved[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
+
+
 def head_identity(head: nn.Module) -> dict:
     return {
         "type": type(head).__name__,
@@ -106,7 +153,7 @@ def save(
             replicated[pname] = {"value": param.detach().cpu(), "optimizer": opt_state}
     torch.save(
         {"format": FORMAT, "class_start": head.class_start, "class_stop": head.class_stop, **rows,
-         "rng": torch.get_rng_state(), "world_size": state.world_size},
+         "rng": torch.get_rng_state(), "cuda_rng": _cuda_rng_states(), "world_size": state.world_size},
         partial / f"head-{rank:05d}.pt",
     )
     engine.save(partial, rank)
@@ -172,12 +219,13 @@ def load(
 
     # This rank's rows, from every saved shard that overlaps them.
     start, stop = head.class_start, head.class_stop
-    weight_parts, state_parts, rest, rng = [], [], {}, None
+    weight_parts, state_parts, rest, rng, cuda_rng = [], [], {}, None, []
     for path in sorted(directory.glob("head-*.pt")):
         part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         lo, hi = max(start, part["class_start"]), min(stop, part["class_stop"])
         if part["world_size"] == world_size and path.name == f"head-{rank:05d}.pt":
             rng = part["rng"]
+            cuda_rng = part.get("cuda_rng", [])  # absent in checkpoints written before it was saved
         if lo >= hi:
             continue
         offset = slice(lo - part["class_start"], hi - part["class_start"])
@@ -192,21 +240,19 @@ def load(
         )
     weight_parts.sort(key=lambda item: item[0])
     state_parts.sort(key=lambda item: item[0])
-    device = head.weight.device
     with torch.no_grad():
         head.weight.copy_(torch.cat([w for _, w in weight_parts]))
-    row_state = {k: torch.cat([s[k] for _, s in state_parts]).to(device) for k in (state_parts[0][1] if state_parts else {})}
+    row_state = {k: torch.cat([s[k] for _, s in state_parts]) for k in (state_parts[0][1] if state_parts else {})}
     if row_state or rest:
-        head_optimizer.state[head.weight] = {**row_state, **rest}
+        head_optimizer.state[head.weight] = state_on_param({**row_state, **rest}, head.weight, head_optimizer)
     params = dict(head.named_parameters())
     for pname, saved in main["head"]["replicated"].items():
         with torch.no_grad():
             params[pname].copy_(saved["value"])
         if saved["optimizer"]:
-            head_optimizer.state[params[pname]] = {
-                k: (v.to(device) if torch.is_tensor(v) and v.ndim > 0 else v) for k, v in saved["optimizer"].items()
-            }
+            head_optimizer.state[params[pname]] = state_on_param(saved["optimizer"], params[pname], head_optimizer)
     engine.load(directory)
     if rng is not None:
         torch.set_rng_state(rng)
+        _restore_cuda_rng_states(cuda_rng)
     return TrainerState(**main["trainer"]), main

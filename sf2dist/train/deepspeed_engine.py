@@ -62,6 +62,10 @@ def deepspeed_config(cfg: Config) -> dict:
             # The trainer computes the global norm (head included) before stepping; DeepSpeed's
             # own norm inside step() would be a second all-reduce that nothing reads.
             "compute_grad_norm": False,
+            # DeepSpeed's default buckets (5e8 elements: 2 GB of float32 per GPU for each) are
+            # sized for billion-parameter models; an iresnet100 is 65M parameters.
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
         },
         # Half precision comes from the trainer's autocast (see the module docstring).
         "bf16": {"enabled": False},
@@ -129,9 +133,7 @@ class DeepSpeedEngine:
         return [grad for group in partitions.values() if group is not None for grad in group]
 
     def grad_sq_norm(self) -> torch.Tensor:
-        partial = torch.zeros((), dtype=torch.float64, device=self.device)
-        for grad in self._local_grad_partitions():
-            partial += grad.detach().double().pow(2).sum()
+        partial = optim.sq_norm(self._local_grad_partitions()).to(self.device)
         return comm.all_reduce(partial, "sum")
 
     def scale_grads_(self, factor: float) -> None:

@@ -58,13 +58,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def sq_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Sum of squared entries of `tensors` as a float64 scalar (0 when there are none).
+
+    One fused norm kernel per device and dtype (torch's foreach norm), not one chain of
+    kernels per tensor, and no float64 copy of any tensor: a per-tensor norm in the tensor's
+    own precision, squared and summed in float64. Sparse (row-sparse head) gradients count
+    their coalesced values.
+    """
+    dense = [t.detach().coalesce().values() if t.is_sparse else t.detach() for t in tensors]
+    dense = [t for t in dense if t.numel()]
+    if not dense:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.nn.utils.get_total_norm(dense, norm_type=2.0, foreach=True).double().pow(2)
+
+
 def grad_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
     """Sum of squared gradient entries of `params`, in float64 (0 when none has a gradient)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is not None:
-            total = total.to(p.grad.device) + p.grad.detach().double().pow(2).sum()
-    return total
+    return sq_norm(p.grad for p in params if p.grad is not None)
 
 
 def scale_grads_(params: Iterable[nn.Parameter], factor: float) -> None:

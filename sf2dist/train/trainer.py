@@ -21,7 +21,7 @@ from tqdm import tqdm
 from sf2dist import comm, parallel, stop
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
-from sf2dist.eval import ExtractOptions, evaluate_benchmark
+from sf2dist.eval import ExtractOptions, evaluate_prepared, prepare_benchmark
 from sf2dist.heads import PartialFCHead, SphereFace2Head, make_head_sgd
 from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
@@ -32,10 +32,6 @@ from sf2dist.stop import EXIT_PREEMPTED  # noqa: F401  (launch/train.py's exit s
 
 class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
-
-
-class Preempted(Exception):
-    """A stop signal arrived; every rank finished its step and the checkpoint is written."""
 
 
 def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
@@ -62,9 +58,17 @@ class Trainer:
             raise ValueError("engine.device=cuda, but torch sees no CUDA device (use cpu or auto)")
         device = None if cfg.engine.device == "auto" else cfg.engine.device  # None: CUDA when there is one
         self.info, self.device = parallel.init_distributed(device, timeout_s=cfg.run.timeout_s)
+        if self.device.type == "cuda":
+            # Fixed input shapes (face crops, a fixed batch): cuDNN may time its algorithms once and
+            # keep the fastest, unless the run asks for deterministic kernels.
+            torch.backends.cudnn.benchmark = not cfg.engine.deterministic
+            if cfg.engine.deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=True)
         if cfg.engine.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("engine.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         self.rank, self.world_size = self.info.rank, self.info.world_size
+        if self.rank == 0:  # in a SLURM log: where the ranks think they are, and from which variables
+            tqdm.write(f"{self.info.describe()}; device {self.device}")
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed + self.rank)
 
@@ -78,6 +82,10 @@ class Trainer:
         height, width = self.loader.manifest.image_size
         if height != width:
             raise ValueError(f"{cfg.data.train}: images are {height}x{width}; the backbones take square images")
+        # Each benchmark read and checked once, now (a broken one fails here, not after hours);
+        # each rank decodes only the images it embeds, and keeps them for every evaluation.
+        self.benchmarks = [prepare_benchmark(path, rank=self.rank, world_size=self.world_size,
+                                             image_size=(height, width)) for path in cfg.eval.benchmarks]
         torch.manual_seed(cfg.run.seed)  # the same initial backbone on every rank
         backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, input_size=height,
                                    **cfg.model.kwargs)
@@ -273,8 +281,9 @@ class Trainer:
             comm.broadcast_(buffer.data)
         options = ExtractOptions(batch_size=self.cfg.eval.batch_size, flip=self.cfg.eval.flip, device=self.device)
         results = {}
-        for path in self.cfg.eval.benchmarks:
-            result = evaluate_benchmark(self.engine.module, path, options)
+        for benchmark in self.benchmarks:
+            with self._autocast() if self.device.type == "cuda" else contextlib.nullcontext():  # eval as trained
+                result = evaluate_prepared(self.engine.module, benchmark, options)
             results[result.name] = result.metrics
             if self.log is not None:
                 self.log.eval(self.state.step, result.name, result.metrics)
@@ -307,8 +316,7 @@ class Trainer:
             saved_global, global_batch = saved.world_size * saved.batch_size, self.world_size * self.cfg.data.batch_size
             epoch, in_epoch = divmod(saved.micro_batches, math.ceil(num_samples / saved_global))
             micro_batches = epoch * self.loader.batches_per_epoch + (in_epoch * saved_global) // global_batch
-        if isinstance(self.head, SphereFace2Head):
-            self.head.sample_step = micro_batches  # one draw per micro-batch: the same draws as before
+        self.head.sample_step = micro_batches  # one draw per micro-batch: the same draws as before
         self.state = checkpoint.TrainerState(step=saved.step, micro_batches=micro_batches, world_size=self.world_size,
                                              batch_size=self.cfg.data.batch_size, skipped_steps=saved.skipped_steps)
         if self.rank == 0:
