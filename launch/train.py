@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sf2dist.train import Trainer  # torch and the rest load after the config is known to be sound
+    from sf2dist.train.trainer import headline
 
     try:
         trainer = Trainer(cfg)
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.EXIT_PREEMPTED
     if trainer.rank == 0:
         for name, metrics in summary["eval"].items():
-            print(f"{name}: verification accuracy {100 * metrics['accuracy']:.2f} ± "
-                  f"{100 * metrics['accuracy_std']:.2f} % (10-fold)")
+            print(f"{name}: {headline(metrics)}")
         if "plot" in summary:
             print(f"plot: {summary['plot']}")
         print(f"run directory: {cfg.run.dir} ({summary['step']} steps, {summary['skipped_steps']} skipped)")

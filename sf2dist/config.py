@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 # Margin names of each head (kept here rather than imported: the heads import torch).
-MARGINS = {"sphereface2": ("C", "A", "M"), "partial_fc": ("cosface", "arcface")}
+MARGINS = {"sphereface2": ("C", "A", "M"), "partial_fc": ("cosface", "arcface", "sphereface")}
 
 
 class ConfigError(ValueError):
@@ -68,13 +68,26 @@ class ModelConfig:
 @dataclass
 class HeadConfig:
     type: str = field(default="sphereface2", metadata=_choices("sphereface2", "partial_fc"))
-    margin: str | None = None  # sphereface2: C|A|M (default C); partial_fc: cosface|arcface (default cosface)
-    m: float | None = None  # None = the head's default
+    # sphereface2: C|A|M (default C); partial_fc: cosface|arcface|sphereface (default cosface; sphereface is
+    # A-Softmax, the true class's logit s psi(theta), psi = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi))
+    margin: str | None = None
+    m: float | None = None  # None = the head's default (partial_fc: cosface 0.4, arcface 0.5, sphereface 1.5; >= 1)
     alpha: float = 0.7  # sphereface2 lambda
     r: float = 40.0
     t: float = 3.0
     loss_weight: float = 10.0
-    s: float = 64.0  # partial_fc scale
+    s: float | None = None  # partial_fc scale; None = the margin's default (cosface/arcface 64, sphereface 30)
+    # partial_fc with margin sphereface: "s" normalises the features and scales every logit by s (the default,
+    # the variant the SphereFace2 paper compares against); "norm" is the original A-Softmax (SphereFace, 2017):
+    # features keep their norm, class j's logit is |x| cos theta_j and the target is the annealed blend
+    # |x| (lambda cos theta_y + psi(theta_y)) / (1 + lambda); leave head.s unset then
+    feature_scale: str = field(default="s", metadata=_choices("s", "norm"))
+    # A-Softmax's lambda at the trainer's step t (resumed with it), feature_scale norm only:
+    # lambda = max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)
+    lambda_base: float = 1000.0
+    lambda_gamma: float = 0.12
+    lambda_power: float = 1.0
+    lambda_min: float = 5.0
     sample_rate: float = 1.0  # in (0, 1]
     # sphereface2: "fused" steps the class rows inside the head's forward, chunk by chunk, so the
     # [C, D] weight gradient never exists (SGD only, no accumulation; the rows are left out of
@@ -116,7 +129,9 @@ class EngineConfig:
 class EvalConfig:
     benchmarks: list[str] = field(default_factory=list)  # verification pair files (.bin)
     batch_size: int = 256
-    flip: bool = True
+    # sum: f(x) + f(flip x) (default); concat: [f(x), f(flip x)], twice the width, as in the
+    # SphereFace LFW protocol; none: f(x)
+    flip: str = field(default="sum", metadata=_choices("sum", "concat", "none"))
 
 
 @dataclass
@@ -394,8 +409,12 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
                              "set head.step fused as well")
     margins = MARGINS[cfg.head.type]
     if cfg.head.margin is not None and cfg.head.margin not in margins:
+        hint = ""
+        if cfg.head.margin == "sphereface":
+            hint = " (sphereface, A-Softmax, is a margin of the softmax head: set head.type partial_fc)"
         fail("head.margin", f"{cfg.head.margin!r} is not a margin of head.type {cfg.head.type}; "
-                            f"expected one of {', '.join(margins)}")
+                            f"expected one of {', '.join(margins)}{hint}")
+    _validate_head_scale(cfg.head, fail)
 
     milestones = cfg.optim.milestones
     if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m <= 0 for m in milestones):
@@ -411,6 +430,32 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     if cfg.engine.precision == "fp16" and cfg.engine.device == "cpu":
         fail("engine.precision", "fp16 is not available with engine.device cpu (CPUs have no fp16 matrix "
                                  "multiply); use bf16 or fp32")
+
+
+def _validate_head_scale(head: HeadConfig, fail: typing.Callable[[str, str], typing.NoReturn]) -> None:
+    """head.s, head.m of the SphereFace margin, head.feature_scale and the lambda schedule."""
+    sphereface = head.type == "partial_fc" and head.margin == "sphereface"
+    if head.s is not None and head.s <= 0:
+        fail("head.s", f"must be positive, got {head.s}")
+    if sphereface and head.m is not None and head.m < 1:
+        fail("head.m", f"the sphereface margin needs m >= 1 (psi(theta) is decreasing there), got {head.m}")
+    if head.feature_scale == "norm":
+        if not sphereface:
+            fail("head.feature_scale", f"norm is the original A-Softmax; it needs head.type partial_fc and "
+                                       f"head.margin sphereface (got {head.type}, margin {head.margin})")
+        if head.s is not None:
+            fail("head.s", "feature_scale norm scales each logit by its feature's norm; leave head.s unset")
+    if head.lambda_base <= 0:
+        fail("head.lambda_base", f"must be positive, got {head.lambda_base}")
+    for key in ("lambda_gamma", "lambda_power", "lambda_min"):
+        if getattr(head, key) < 0:
+            fail(f"head.{key}", f"must not be negative, got {getattr(head, key)}")
+    if head.feature_scale != "norm":
+        for key in ("lambda_base", "lambda_gamma", "lambda_power", "lambda_min"):
+            default = getattr(HeadConfig, key)
+            if getattr(head, key) != default:
+                fail(f"head.{key}", f"only applies to head.feature_scale norm (the annealed A-Softmax), but "
+                                    f"head.feature_scale is {head.feature_scale}; leave it at {default}")
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -48,3 +48,30 @@ def margin_softmax_loss(embeddings, labels, weight, *, margin, s, m):
             target = torch.cos((torch.acos(cos.clamp(-1.0 + 1e-6, 1.0 - 1e-6)) + m).clamp(max=math.pi))
         shift = torch.where(one_hot, target - cos, torch.zeros_like(cos))
     return F.cross_entropy(s * (cos + shift), labels)
+
+
+def sphereface_psi(theta: torch.Tensor, m: float) -> torch.Tensor:
+    """psi piece by piece: (-1)^k cos(m theta) - 2k on [k pi / m, (k + 1) pi / m)."""
+    psi = torch.full_like(theta, math.nan)
+    for k in range(math.ceil(m) + 1):
+        piece = (theta >= k * math.pi / m) & (theta < (k + 1) * math.pi / m)
+        psi = torch.where(piece, (-1) ** k * torch.cos(m * theta) - 2 * k, psi)
+    return psi
+
+
+def a_softmax_loss(embeddings, labels, weight, *, m, s=None, lam=None):
+    """SphereFace (A-Softmax) cross entropy; the target's offset from the plain logit is detached.
+
+    `s` set: unit features, logits s cos theta_j, target s psi(theta_y). `s` None (2017): logits
+    |x| cos theta_j, target |x| (lam cos theta_y + psi(theta_y)) / (1 + lam). theta_y comes from the
+    cosine clamped to [-1 + 1e-5, 1 - 1e-5].
+    """
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(weight, dim=1).t()  # [N, C]
+    norms = embeddings.norm(dim=1, keepdim=True)  # [N, 1]
+    logits = s * cos if s is not None else norms * cos
+    one_hot = F.one_hot(labels, weight.shape[0]).bool()
+    with torch.no_grad():
+        psi = sphereface_psi(torch.acos(cos.clamp(-1.0 + 1e-5, 1.0 - 1e-5)), m)
+        target = s * psi if s is not None else norms * (lam * cos + psi) / (1.0 + lam)
+        offset = torch.where(one_hot, target - logits, torch.zeros_like(logits))
+    return F.cross_entropy(logits + offset, labels)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from sf2dist import comm
-from sf2dist.heads import PartialFCHead, SphereFace2Head
+from sf2dist.heads import LambdaSchedule, PartialFCHead, SphereFace2Head
 from tests.distributed import run_on_ranks
 
 NUM_CLASSES = 11  # 11 classes: shards of 6/5 on 2 ranks and 4/4/3 on 3 ranks
@@ -118,6 +118,28 @@ FUSED_CASES = {
     "arcface-sampled-one-shard": dict(head="pfc", kwargs=dict(margin="arcface", sample_rate=0.4), labels="first3"),
 }
 GRAD_LOSS = 0.37  # backward of GRAD_LOSS * loss: the heads must scale by the incoming gradient
+
+# The SphereFace (A-Softmax) margin of the softmax head, run by tests/test_heads_sphereface_margin.py
+# on 1-3 ranks against tests/dense_reference.py's `a_softmax_loss` and between implementations.
+# Its batches place the true-class cosines on a spread, so that every branch k of psi occurs.
+# "labels": "random" over the 11 classes, or "few" (classes 0, 1 and 9: the others are absent, so
+# sampling draws); "sizes": "even" (12 samples split evenly) or "uneven" (one rank empty on 3);
+# "step": the trainer step the head is given (feature_scale "norm": its lambda).
+SPHEREFACE_CASES = {
+    "m1.5": dict(kwargs=dict(margin="sphereface")),
+    "m4": dict(kwargs=dict(margin="sphereface", m=4.0)),
+    "m2-s16-uneven-batches": dict(kwargs=dict(margin="sphereface", m=2.0, s=16.0), sizes="uneven"),
+    "m1.5-sampled": dict(kwargs=dict(margin="sphereface", sample_rate=0.5), labels="few"),
+    "m4-sampled-uneven": dict(kwargs=dict(margin="sphereface", m=4.0, sample_rate=0.4), labels="few", sizes="uneven"),
+    "norm-m4-step0": dict(kwargs=dict(margin="sphereface", m=4.0, feature_scale="norm"), step=0),
+    "norm-m1.5-step1000": dict(kwargs=dict(margin="sphereface", feature_scale="norm"), step=1000),
+    "norm-m4-at-lambda-min-sampled-uneven": dict(
+        kwargs=dict(margin="sphereface", m=4.0, feature_scale="norm", sample_rate=0.5), step=10**6, labels="few",
+        sizes="uneven"),
+    "norm-m3-own-schedule": dict(  # lambda = 10 / (1 + 3)^2 = 0.625 at step 3: psi dominates the target
+        kwargs=dict(margin="sphereface", m=3.0, feature_scale="norm",
+                    lambda_schedule=LambdaSchedule(base=10.0, gamma=1.0, power=2.0, minimum=0.0)), step=3),
+}
 
 
 def run_fused_case(name: str, rank: int, world_size: int, implementation: str, chunk_size) -> dict:

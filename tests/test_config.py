@@ -221,7 +221,7 @@ def test_cross_field_error_names_the_file_a_value_came_from(tmp_path):
     path = write(tmp_path / "sf2.yaml", "head: {margin: C}\n")
     with pytest.raises(ConfigError) as err:
         load_config([path], ["head.type=partial_fc"])
-    assert f"head.margin: 'C' is not a margin of head.type partial_fc; expected one of cosface, arcface " \
+    assert f"head.margin: 'C' is not a margin of head.type partial_fc; expected one of cosface, arcface, sphereface " \
            f"(from {path})" in str(err.value)
 
 

@@ -50,7 +50,7 @@ def test_bad_hyper_parameters():
     with pytest.raises(ValueError, match="alpha"):
         SphereFace2Head(10, 4, alpha=1.0)
     with pytest.raises(ValueError, match="margin must be one of"):
-        PartialFCHead(10, 4, margin="sphereface")
+        PartialFCHead(10, 4, margin="sphereface3")
     with pytest.raises(ValueError, match=r"sample_rate must be in \(0, 1\], got 0.0"):
         PartialFCHead(10, 4, sample_rate=0.0)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):

@@ -9,9 +9,19 @@ import torch
 import sf2dist.models
 from sf2dist.eval import load_backbone
 from sf2dist.models import backbone_spec, create_backbone, list_backbones, register_backbone
+from sf2dist.models.sfnet import NORMS
 
 # Small inputs keep the gradient tests fast; every backbone must also run at the default 112.
 SMALL_INPUT, SMALL_DIM = 32, 64
+
+SFNETS = [name for name in list_backbones() if name.startswith("sfnet")]
+# Every registered backbone with its defaults, and every sfnet with each norm besides its default.
+VARIANTS = [pytest.param(name, {}, id=name) for name in list_backbones()] + [
+    pytest.param(name, {"norm": norm}, id=f"{name}-norm={norm}")
+    for name in SFNETS
+    for norm in NORMS
+    if norm != "batch"
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,13 +40,14 @@ def images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 def test_every_backbone_is_registered_and_listed_sorted():
     names = list_backbones()
     assert names == sorted(names)
-    assert {"iresnet18", "iresnet50", "iresnet100", "sfnet20", "sfnet64", "mobilefacenet", "smallcnn"} <= set(names)
+    assert {"iresnet18", "iresnet50", "iresnet100", "mobilefacenet", "smallcnn"} <= set(names)
+    assert SFNETS == ["sfnet20", "sfnet36", "sfnet4", "sfnet64"]
 
 
-@pytest.mark.parametrize("name", list_backbones())
-def test_forward_shape_and_finite_gradients_for_every_parameter(name):
+@pytest.mark.parametrize("name, kwargs", VARIANTS)
+def test_forward_shape_and_finite_gradients_for_every_parameter(name, kwargs):
     torch.manual_seed(0)
-    model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT).train()
+    model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT, **kwargs).train()
     embeddings = model(images(2, SMALL_INPUT))
     assert embeddings.shape == (2, SMALL_DIM) and embeddings.dtype == torch.float32
     # A random projection, not a sum: a sum of BN outputs has zero gradient by construction.
@@ -49,9 +60,9 @@ def test_forward_shape_and_finite_gradients_for_every_parameter(name):
         assert param.grad.abs().sum() > 0, f"{name}: {param_name} has an all-zero gradient"
 
 
-@pytest.mark.parametrize("name", list_backbones())
-def test_default_build_embeds_112x112_images_to_512(name):
-    model = create_backbone(name).eval()
+@pytest.mark.parametrize("name, kwargs", VARIANTS)
+def test_default_build_embeds_112x112_images_to_512(name, kwargs):
+    model = create_backbone(name, **kwargs).eval()
     with torch.no_grad():
         embeddings = model(images(2, 112))
     assert embeddings.shape == (2, 512) and torch.isfinite(embeddings).all()
@@ -82,6 +93,73 @@ def test_only_the_iresnet_output_bn_scale_is_frozen():
     }
     assert frozen == {"iresnet18": ["features.weight"], "sfnet20": [], "mobilefacenet": [], "smallcnn": []}
     assert torch.equal(create_backbone("iresnet18").features.weight, torch.ones(512))
+
+
+def modules_of(model: torch.nn.Module, kind: type) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize("name", SFNETS)
+def test_sfnet_depth_is_its_number_of_conv_layers_and_norm_adds_or_drops_bn(name):
+    depth = int(name.removeprefix("sfnet"))
+    batch = create_backbone(name, input_size=SMALL_INPUT)
+    none = create_backbone(name, input_size=SMALL_INPUT, norm="none")
+    assert len(modules_of(batch, torch.nn.Conv2d)) == len(modules_of(none, torch.nn.Conv2d)) == depth
+    assert len(modules_of(batch, torch.nn.BatchNorm2d)) == depth and not modules_of(none, torch.nn.BatchNorm2d)
+    assert all(conv.bias is None for conv in modules_of(batch, torch.nn.Conv2d))
+    assert all(conv.bias is not None for conv in modules_of(none, torch.nn.Conv2d))
+    assert len(modules_of(none, torch.nn.PReLU)) == depth
+
+
+def test_norm_none_takes_the_original_caffe_initialisation():
+    torch.manual_seed(0)
+    model = create_backbone("sfnet20", norm="none")
+    entry_convs = [stage[0][0] for stage in model.stages]
+    residual_convs = [conv for conv in modules_of(model, torch.nn.Conv2d) if conv not in entry_convs]
+    assert len(residual_convs) == 16
+    for layer in [*entry_convs, model.fc]:  # Caffe "xavier": U(+-sqrt(3 / fan_in)), std 1 / sqrt(fan_in)
+        fan_in = layer.weight[0].numel()
+        assert layer.weight.abs().max() <= (3 / fan_in) ** 0.5
+        assert layer.weight.std().item() == pytest.approx(fan_in**-0.5, rel=0.1)
+    for conv in residual_convs:
+        assert conv.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert all(not layer.bias.any() for layer in [*modules_of(model, torch.nn.Conv2d), model.fc])
+    slopes = torch.cat([prelu.weight for prelu in modules_of(model, torch.nn.PReLU)])
+    assert torch.equal(slopes, torch.full_like(slopes, 0.25))
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("name", SFNETS)
+def test_sfnet_embedding_scale_at_init_is_bounded_with_either_norm(name, norm):
+    """In training mode, as the first step sees it. Below ~0.1 the BN-free nets hardly move at
+    first (PyTorch's default init gives 0.01-0.07 and the loss stalls); above a few the scale is
+    growing with depth (He init on the residual convs: 8 at 20 layers, 1e5 at 64)."""
+    torch.manual_seed(0)
+    model = create_backbone(name, norm=norm).train()
+    with torch.no_grad():
+        embeddings = model(images(4, 112))
+    assert torch.isfinite(embeddings).all()
+    assert 0.1 < embeddings.std().item() < 4
+
+
+@pytest.mark.parametrize("name", ["sfnet4", "sfnet20"])
+def test_sfnet_without_bn_learns_a_tiny_classification_problem(name):
+    """16 random images, 8 classes, a linear softmax on the embeddings, 10 full-batch SGD steps."""
+    torch.manual_seed(0)
+    model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT, norm="none").train()
+    classifier = torch.nn.Linear(SMALL_DIM, 8)
+    inputs, labels = images(16, SMALL_INPUT, seed=3), torch.arange(16) % 8
+    optimizer = torch.optim.SGD([*model.parameters(), *classifier.parameters()], lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(classifier(model(inputs)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(8.0)).item(), abs=0.1)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.1 * losses[0], losses
 
 
 def test_smallcnn_sizes_its_fc_from_input_size_and_width():
@@ -133,6 +211,10 @@ def test_bad_arguments_say_what_is_wrong():
         create_backbone("iresnet50", dropout=1.0)
     with pytest.raises(ValueError, match="width must be a positive int, got True"):
         create_backbone("smallcnn", width=True)
+    with pytest.raises(ValueError, match="norm must be one of 'batch', 'none', got 'layer'"):
+        create_backbone("sfnet4", norm="layer")
+    with pytest.raises(ValueError, match="norm must be one of 'batch', 'none', got None"):
+        create_backbone("sfnet36", norm=None)
 
 
 def test_images_of_another_size_are_refused_with_the_built_size():
@@ -163,11 +245,11 @@ def train_a_little(model: torch.nn.Module, size: int) -> None:
             param.add_(0.01 * torch.randn_like(param))
 
 
-@pytest.mark.parametrize("name", list_backbones())
-def test_spec_rebuilds_the_same_network(name):
-    model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT)
+@pytest.mark.parametrize("name, kwargs", VARIANTS)
+def test_spec_rebuilds_the_same_network(name, kwargs):
+    model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT, **kwargs)
     spec = backbone_spec(model)
-    assert spec["name"] == name
+    assert spec["name"] == name and spec["kwargs"].items() >= kwargs.items()
     assert spec["kwargs"]["embedding_dim"] == SMALL_DIM and spec["kwargs"]["input_size"] == SMALL_INPUT
     assert json.loads(json.dumps(spec)) == spec  # plain values, storable anywhere
     spec["kwargs"]["embedding_dim"] = 1  # a copy: the model's own spec is untouched
@@ -191,6 +273,12 @@ def test_spec_records_defaults_so_later_default_changes_do_not_change_old_checkp
         "embedding_dim": 512,
         "input_size": 112,
         "dropout": 0.2,
+    }
+    # A checkpoint from before `norm` existed has no "norm" in its spec and rebuilds with BN.
+    assert backbone_spec(create_backbone("sfnet20", input_size=SMALL_INPUT))["kwargs"] == {
+        "embedding_dim": 512,
+        "input_size": SMALL_INPUT,
+        "norm": "batch",
     }
 
 

@@ -148,3 +148,20 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_data, tmp_path
             assert torch.equal(a[key], b[key]), key
         for name, value in a["backbone"].items():
             assert torch.equal(value, b["backbone"][name]), name
+
+
+def test_sfnet4_with_the_sphereface_margin_trains_on_two_processes(tiny_data, tmp_path):
+    """The classic SphereFace experiment's pieces through launch/train.py: the 4-layer CNN and
+    the A-Softmax margin on the sharded softmax head, 2 gloo processes; its loss falls."""
+    run_dir = tmp_path / "run"
+    settings = overrides(tiny_data, run_dir, **{
+        "run.epochs": 8, "run.log_every": 1, "model.backbone": "sfnet4", "model.embedding_dim": 64, "model.kwargs": "{}",
+        "head.type": "partial_fc", "head.margin": "sphereface", "head.m": 1.5, "optim.lr": 0.2,
+        "eval.flip": "concat"})
+    proc = _launch(["--config", DEMO, *_set_args(settings)], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    losses = [float(row["loss"]) for row in rows]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.8 * first, f"loss {first:.3f} -> {last:.3f}"
+    assert "holdout: verification accuracy" in proc.stdout

@@ -33,7 +33,7 @@ from sf2dist import comm
 from sf2dist.heads import PartialFCHead, ShardedHead, SphereFace2Head, make_head_sgd
 from sf2dist.parallel import class_range
 
-METHODS = ("sphereface2", "sphereface2_fstep", "softmax", "partial_fc_0.1", "sphereface2_0.1")
+METHODS = ("sphereface2", "sphereface2_fstep", "softmax", "sphereface", "partial_fc_0.1", "sphereface2_0.1")
 # the head-memory table at 1M local classes: SphereFace2 with a separate SGD step, with the step
 # fused into the forward, and with that and bfloat16 storage
 MEMORY_METHODS = ("sphereface2", "sphereface2_fstep", "sphereface2_fstep_bf16")
@@ -63,7 +63,7 @@ class BenchSettings:
 
 
 class Method(NamedTuple):
-    head: str  # sphereface2 | softmax | partial_fc
+    head: str  # sphereface2 | softmax | partial_fc (both CosFace) | sphereface (the softmax head, A-Softmax margin)
     sample_rate: float
     fused_step: bool = False  # SphereFace2: rows stepped inside the forward (FusedStepSGD)
     bf16_storage: bool = False  # SphereFace2 with the fused step: rows and momentum in bfloat16
@@ -74,18 +74,20 @@ def parse_method(method: str) -> Method:
 
     `sphereface2[_<rate>][_fstep[_bf16]]`: SphereFace2, all classes or a sampled fraction
     (row-sparse SGD), optionally with the SGD step fused into the forward and bfloat16 rows;
-    `softmax`: the sharded softmax over all classes; `partial_fc_<rate>`: Partial FC.
+    `softmax`: the sharded softmax over all classes; `partial_fc_<rate>`: Partial FC (both with the
+    CosFace margin); `sphereface[_<rate>]`: the same sharded softmax with the SphereFace (A-Softmax)
+    margin, normalised features, s = 30, m = 1.5, over all classes or Partial FC's sample.
     """
     name, fused_step, bf16 = method, False, False
     if name.endswith("_bf16"):
         name, bf16 = name.removesuffix("_bf16"), True
     if name.endswith("_fstep"):
         name, fused_step = name.removesuffix("_fstep"), True
-    if name in ("sphereface2", "softmax"):
+    if name in ("sphereface2", "softmax", "sphereface"):
         parsed = Method(name, 1.0, fused_step, bf16)
     else:
         parsed = None
-        for head in ("sphereface2", "partial_fc"):
+        for head in ("sphereface2", "partial_fc", "sphereface"):
             if name.startswith(head + "_"):
                 try:
                     rate = float(name.removeprefix(head + "_"))
@@ -95,8 +97,8 @@ def parse_method(method: str) -> Method:
                     parsed = Method(head, rate, fused_step, bf16)
     if parsed is None or (parsed.head != "sphereface2" and fused_step) or (bf16 and not fused_step):
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}, sphereface2_<rate>, "
-                         f"partial_fc_<rate> with a rate in (0, 1], or a SphereFace2 method with _fstep or "
-                         f"_fstep_bf16 appended")
+                         f"partial_fc_<rate> or sphereface_<rate> with a rate in (0, 1], or a SphereFace2 "
+                         f"method with _fstep or _fstep_bf16 appended")
     return parsed
 
 
@@ -107,7 +109,8 @@ def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
         return SphereFace2Head(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
                                process_group=group, storage_dtype=storage,
                                compile_elementwise=settings.compile_elementwise)
-    return PartialFCHead(settings.num_classes, settings.embedding_dim, sample_rate=spec.sample_rate,
+    margin = "sphereface" if spec.head == "sphereface" else "cosface"
+    return PartialFCHead(settings.num_classes, settings.embedding_dim, margin=margin, sample_rate=spec.sample_rate,
                          process_group=group, compile_elementwise=settings.compile_elementwise)
 
 

@@ -1,10 +1,10 @@
 """Evaluation: verification pair sets, IJB-style templates, metrics, extraction and reports.
 
 Modules: `bin_io` (safe `.bin` and pair-list loading), `metrics` (10-fold accuracy, exact
-ROC, TAR@FAR, EER, AUC), `ijb` (template pooling, 1:1 and 1:N), `extract` (flip-fused
-embeddings across ranks), `evaluate` (model + benchmark -> numbers; benchmarks prepared
-once per run for training), `results` (table, JSON, ROC plot), `checkpoint` (backbones from
-checkpoints) and `cli` (`sf2dist-eval`).
+ROC, TAR@FAR, EER, AUC), `ijb` (template pooling, 1:1 and 1:N), `extract` (embeddings
+across ranks, flip-fused by sum, concatenation or not at all), `evaluate` (model +
+benchmark -> numbers; benchmarks prepared once per run for training), `results` (table,
+JSON, ROC plot), `checkpoint` (backbones from checkpoints) and `cli` (`sf2dist-eval`).
 """
 from sf2dist.eval.bin_io import (
     BenchmarkFormatError,
@@ -28,7 +28,7 @@ from sf2dist.eval.evaluate import (
     evaluate_prepared,
     prepare_benchmark,
 )
-from sf2dist.eval.extract import embed_images, extract_embeddings, gather_embeddings, image_slice
+from sf2dist.eval.extract import FLIP_MODES, embed_images, extract_embeddings, flip_mode, gather_embeddings, image_slice
 from sf2dist.eval.ijb import (
     IJBImages,
     IJBProtocol,
@@ -67,6 +67,7 @@ __all__ = [
     "EncodedPairs",
     "ExtractOptions",
     "FAR_TARGETS",
+    "FLIP_MODES",
     "IJBImages",
     "IJBProtocol",
     "PairSet",
@@ -84,6 +85,7 @@ __all__ = [
     "evaluate_pairs",
     "evaluate_prepared",
     "extract_embeddings",
+    "flip_mode",
     "format_table",
     "gather_embeddings",
     "identification_metrics",

@@ -1,6 +1,7 @@
 """`sf2dist-eval`: evaluate a checkpoint's backbone on benchmarks, print a table, write JSON + ROC.
 
     sf2dist-eval --checkpoint FILE | --run RUN_DIR  --benchmark FILE_OR_DIR... [--nproc N]
+                 [--flip sum|concat|none]
 
 With `--nproc N` the images of each benchmark are split over N local processes (gloo on
 CPU, NCCL with one GPU each on CUDA); under torchrun the launcher's ranks are used instead.
@@ -20,6 +21,7 @@ import torch.multiprocessing as mp
 from sf2dist import __version__, parallel
 from sf2dist.eval.checkpoint import backbone_factory, build_backbone, newest_checkpoint, read_checkpoint
 from sf2dist.eval.evaluate import ExtractOptions, evaluate_benchmark
+from sf2dist.eval.extract import FLIP_MODES
 from sf2dist.eval.results import format_table, write_results
 from sf2dist.report import machine_description
 
@@ -42,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=0, help="image-decoding processes per rank, worth it for IJB (default 0: in-line)"
     )
-    parser.add_argument("--no-flip", action="store_true", help="embed images alone instead of image + mirror image")
+    parser.add_argument(
+        "--flip",
+        choices=FLIP_MODES,
+        default="sum",
+        help="flip-test fusion, f the backbone: sum = f(image) + f(mirror image); "
+        "concat = [f(image), f(mirror image)], twice the width, as in the SphereFace LFW protocol; "
+        "none = f(image) (default sum)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval/<checkpoint> or eval/<checkpoint>)")
     return parser
 
@@ -75,7 +84,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     try:
         checkpoint = read_checkpoint(args.checkpoint)
         model = build_backbone(checkpoint, device, source=str(args.checkpoint))
-        options = ExtractOptions(args.batch_size, not args.no_flip, device, None, args.workers)
+        options = ExtractOptions(batch_size=args.batch_size, flip=args.flip, device=device, num_workers=args.workers)
         results = []
         for path in args.benchmark:
             if info.is_main:
@@ -86,7 +95,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
             context = {
                 "checkpoint": str(args.checkpoint),
                 "backbone": checkpoint["backbone"],
-                "flip": not args.no_flip,
+                "flip": options.flip,
                 "world_size": info.world_size,
                 "device": str(device),
                 "machine": machine_description(),

@@ -3,8 +3,9 @@
 A benchmark is a pair set (an InsightFace `.bin`, a synthetic held-out set in the same
 format, or a `label path0 path1` pair list) or an IJB-style directory. `prepare_benchmark`
 reads and checks it once and decodes only the images this rank embeds; `evaluate_prepared`
-embeds them (flip-fused; the ranks' slices are gathered, so every rank holds every
-embedding) and returns a `BenchmarkResult`: JSON-ready metrics and the ROC for the plot.
+embeds them (flip-fused as `ExtractOptions.flip` says; the ranks' slices are gathered, so
+every rank holds every embedding) and returns a `BenchmarkResult`: JSON-ready metrics and
+the ROC for the plot.
 Training prepares its benchmarks when it starts and evaluates the prepared ones every time;
 `evaluate_benchmark` does both for a single evaluation (`sf2dist-eval`).
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from sf2dist import comm
 from sf2dist.eval.bin_io import BenchmarkFormatError, PairSet, load_pairs, read_pairs
-from sf2dist.eval.extract import embed_images, extract_embeddings, gather_embeddings, image_slice
+from sf2dist.eval.extract import embed_images, extract_embeddings, flip_mode, gather_embeddings, image_slice
 from sf2dist.eval.ijb import IJBImages, IJBProtocol, ijb_metrics, is_ijb_directory, load_ijb
 from sf2dist.eval.metrics import Roc, cosine_scores, pair_metrics, roc_curve
 
@@ -41,13 +42,21 @@ class BenchmarkResult:
 
 @dataclass(frozen=True)
 class ExtractOptions:
-    """How images are embedded: see `extract_embeddings`."""
+    """How images are embedded: see `extract_embeddings`.
+
+    `flip` is "sum" (the default), "concat" (embeddings twice the backbone's width) or "none"
+    (`sf2dist.eval.extract.FLIP_MODES`); True and False are accepted and stored as "sum" and
+    "none". Anything else raises ValueError here, when the options are made.
+    """
 
     batch_size: int = 128
-    flip: bool = True
+    flip: str = "sum"
     device: str | torch.device | None = None
     group: dist.ProcessGroup | None = None
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flip", flip_mode(self.flip))  # frozen: set once, normalised
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,7 +155,7 @@ def evaluate_prepared(
         model, prepared.images, batch_size=options.batch_size, flip=options.flip, device=options.device,
         num_workers=options.num_workers,
     )
-    embeddings = gather_embeddings(local, options.group)  # [num_images, dim]
+    embeddings = gather_embeddings(local, options.group)  # [num_images, dim], or [num_images, 2 * dim] with concat
     seconds = time.perf_counter() - start
     if prepared.kind == "ijb":
         metrics, roc = ijb_metrics(prepared.protocol, embeddings)

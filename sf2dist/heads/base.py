@@ -135,6 +135,10 @@ class ShardedHead(nn.Module):
         # forwards that drew random numbers so far (a class sample, or the rounding of a fused
         # step): with seed and rank it fixes the next draws; restore it on resume to repeat them
         self.sample_step = 0
+        # the trainer's optimizer step (its state.step, restored on resume), set before each forward:
+        # a head whose loss follows a schedule (A-Softmax's lambda) reads it, so the schedule resumes
+        # with the run and a checkpoint needs nothing more
+        self.schedule_step = 0
 
     def step_generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
         """The random stream of this step on this rank, on `device` (a draw there needs no copy

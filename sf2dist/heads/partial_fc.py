@@ -5,6 +5,29 @@ cross entropy's normaliser spans all shards, so every step all-reduces the row m
 ([N] floats) and then the row sums of exponentials together with the true-class logits
 ([2, N] floats). Those batch-sized all-reduces are what SphereFace2 does without.
 
+Margins (each changes only the true class's logit, applied with gradient detachment: the
+value has the margin, the gradient is that of the plain logit): CosFace s(cos - m), ArcFace
+s cos(theta + m), and SphereFace (A-Softmax) s psi(theta) with psi(theta) = (-1)^k cos(m theta) - 2k,
+k = floor(m theta / pi), for any real m >= 1. SphereFace comes in two forms (`feature_scale`):
+"s", the default, normalises the features and scales every logit by s (the hard-feature-
+normalisation variant the SphereFace2 paper compares against); "norm" is the original 2017
+A-Softmax: the features keep their norm, class j's logit is |x| cos theta_j, and the target is
+the annealed blend |x| (lambda cos theta_y + psi(theta_y)) / (1 + lambda), with lambda =
+max(lambda_min, base (1 + gamma t)^-power) at the trainer's step t (`schedule_step`, which the
+trainer sets before each forward from its own step, so lambda resumes with the run).
+
+Gradients of the 2017 form: the same detached-offset convention as the other margins. The
+offset f_y - |x| cos theta_y is detached, so the gradient flows through |x| and cos theta of
+every logit (the target's included) but not through psi or the blend. The original
+backpropagates through psi as well; this head does not, because (1) one convention for every
+margin keeps one gradient path, chunked without any per-margin derivative; (2) d psi / d cos =
+(-1)^k m sin(m theta) / sin(theta) grows without bound as theta nears pi for a non-integer m
+(1/sin theta; about 330 at the clamp for m = 1.5), which the detached form never multiplies in.
+What is given up is the original's extra pull through d psi / d theta (a factor (d psi / d cos - 1)
+/ (1 + lambda) on the target's gradient: small while lambda is large, not once it nears lambda_min).
+The margin still acts through the value, as CosFace's and ArcFace's do here: a lower
+target logit lowers the true class's probability and so strengthens the pull toward its row.
+
 With `sample_rate < 1`, each rank keeps every class of the global batch that it holds and
 samples the rest of its shard uniformly up to `sample_rate * num_local_classes` classes
 (Partial FC); only the kept rows take part in the step. The draw is made on the rows' device
@@ -21,6 +44,7 @@ It costs one more cosine matmul than the reference over all but the last chunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -30,30 +54,88 @@ from sf2dist import comm
 from sf2dist.heads import chunked
 from sf2dist.heads.base import ShardedHead, cosines
 
-MARGINS = {"cosface": 0.4, "arcface": 0.5}  # name -> default m
+MARGINS = {"cosface": 0.4, "arcface": 0.5, "sphereface": 1.5}  # name -> default m
+DEFAULT_SCALES = {"cosface": 64.0, "arcface": 64.0, "sphereface": 30.0}  # name -> default s
+FEATURE_SCALES = ("s", "norm")  # logits scaled by s (unit features), or by the feature's own norm (A-Softmax 2017)
+
+
+@dataclass(frozen=True)
+class LambdaSchedule:
+    """A-Softmax's annealing (SphereFace, 2017): lambda = max(minimum, base (1 + gamma step)^-power)."""
+
+    base: float = 1000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    minimum: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.base) and self.base > 0):
+            raise ValueError(f"lambda schedule base must be a finite number > 0, got {self.base}")
+        for name in ("gamma", "power", "minimum"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"lambda schedule {name} must be a finite number >= 0, got {getattr(self, name)}")
+
+    def at(self, step: int) -> float:
+        return max(self.minimum, self.base * (1.0 + self.gamma * step) ** (-self.power))
+
+
+def sphereface_psi(theta: torch.Tensor, m: float) -> torch.Tensor:
+    """psi(theta) = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi): decreasing and continuous on [0, pi]."""
+    k = torch.floor(theta * (m / math.pi))
+    sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
+    return sign * torch.cos(m * theta) - 2.0 * k
 
 
 def margin_target(cos_y: torch.Tensor, margin: str, m: float) -> torch.Tensor:
-    """The true class's cosine with its margin: CosFace cos - m; ArcFace cos(min(theta + m, pi))."""
+    """The true class's cosine with its margin: CosFace cos - m; ArcFace cos(min(theta + m, pi));
+    SphereFace psi(theta) with theta from the cosine clamped to [-1 + 1e-5, 1 - 1e-5]."""
     if margin == "cosface":
         return cos_y - m
+    if margin == "sphereface":
+        return sphereface_psi(torch.acos(cos_y.clamp(-1.0 + 1e-5, 1.0 - 1e-5)), m)
     theta = torch.acos(cos_y.clamp(-1.0 + 1e-6, 1.0 - 1e-6))
     return torch.cos((theta + m).clamp(max=math.pi))
+
+
+@dataclass(frozen=True)
+class _Logits:
+    """How one step turns dots = feature . w_hat into logits: `scale` * dots for every class, the
+    true class's replaced by its target (a value only: the offset from the plain logit is detached).
+
+    Unit features (`by_norm` False): dots are cosines and the target is s * margin_target(cos).
+    Features that keep their norm (A-Softmax 2017, `scale` 1): dots are |x| cos and the target is
+    |x| (lam cos + psi) / (1 + lam).
+    """
+
+    margin: str
+    m: float
+    scale: float
+    by_norm: bool = False
+    lam: float = 0.0
+
+    def targets(self, dots: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """Target logits [P] from the true classes' dots [P] and their features' norms [P] (None: unit)."""
+        if norms is None:
+            return self.scale * margin_target(dots, self.margin, self.m)
+        cos = dots / norms
+        return norms * (self.lam * cos + margin_target(cos, self.margin, self.m)) / (1.0 + self.lam)
 
 
 class _ShardedMarginCrossEntropy(torch.autograd.Function):
     """Mean cross entropy over the global batch from each rank's slice of the cosines.
 
     Returns the same (global) value on every rank; the backward gives each rank the gradient
-    of its own cosines only. The margin is applied with gradient detachment.
+    of its own dots only. The margin is applied with gradient detachment.
     """
 
     @staticmethod
-    def forward(ctx, cos, rows, cols, margin, s, m, group):
-        # cos: [N, S_local] float32; rows/cols: positions of the true classes held here.
-        num_samples = cos.shape[0]
-        logits = cos * s
-        target = s * margin_target(cos[rows, cols], margin, m)
+    def forward(ctx, dots, norms, rows, cols, spec, group):
+        # dots: [N, S_local] float32 feature . w_hat (cosines for unit features); norms: [N] feature
+        # norms, or None for unit features; rows/cols: positions of the true classes held here.
+        num_samples = dots.shape[0]
+        s = spec.scale
+        logits = dots * s
+        target = spec.targets(dots[rows, cols], None if norms is None else norms[rows])
         logits[rows, cols] = target
         row_max = comm.all_reduce(logits.max(dim=1).values, "max", group)  # [N]
         logits.sub_(row_max.unsqueeze(1)).exp_()  # [N, S_local], numerators of the softmax
@@ -64,13 +146,13 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         loss = (sums[0].log() - sums[1]).mean()
         grad = logits.div_(sums[0].unsqueeze(1))  # softmax probabilities
         grad[rows, cols] -= 1.0
-        ctx.save_for_backward(grad.mul_(s / num_samples))  # dL/dcos
+        ctx.save_for_backward(grad.mul_(s / num_samples))  # dL/d(dots)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad_cos,) = ctx.saved_tensors
-        return grad_cos * grad_loss, None, None, None, None, None, None
+        (grad_dots,) = ctx.saved_tensors
+        return grad_dots * grad_loss, None, None, None, None, None
 
 
 def _exp_logits(x, inv_norm, pos_rows, pos_cols, targets, row_max):
@@ -98,11 +180,12 @@ def _grad_from_exp(e, inv_norm, pos_rows, pos_cols, total):
     return g
 
 
-def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s, m, chunk_size, need_grads,
+def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chunk_size, need_grads,
                                 mm_dtype, group, compiled):
     """Mean cross entropy of the global batch, and (if `need_grads`) dL/d(embeddings) and dL/d(weight).
 
-    embeddings [N, D] unit-norm; weight [C_local, D] raw rows (normalised on the fly, the
+    embeddings [N, D] unit-norm (or, with `spec.by_norm`, features of any norm); spec: `_Logits`;
+    weight [C_local, D] raw rows (normalised on the fly, the
     normalisation's Jacobian applied to their gradient); index [S] ascending (or None: all).
     `mm_dtype` (autocast's, or None): the precision of the cosine matmuls; the gradient matmuls
     run in `chunked.grad_mm_dtype` of it (a softmax probability far from the target underflows fp16).
@@ -118,6 +201,8 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
     num_columns = weight.shape[0] if index is None else index.numel()
     chunk_size = chunked.resolve_chunk_size(chunk_size, num_samples, num_columns, weight.device)
     bounds = chunked.chunk_bounds(num_columns, chunk_size)
+    s = spec.scale
+    norms = embeddings.norm(dim=1).clamp_min_(1e-12) if spec.by_norm else None  # [N] |x| (A-Softmax 2017)
     scaled = (embeddings * s).to(mm)  # [N, D]: the matmul gives s * (e . w)
     columns = cols if index is None else torch.searchsorted(index, cols)
     positives = chunked.PositivesByChunk(rows, columns, bounds)
@@ -139,7 +224,8 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s
         inv = torch.reciprocal(norm.clamp_min_(1e-12), out=inv_norm[start:stop])
         x = chunk_matmul(rows_w.to(mm))
         pos_rows, pos_cols, part = positives.in_chunk(start)
-        targets[part] = s * margin_target(x[pos_rows, pos_cols] * inv[pos_cols] / s, margin, m)
+        targets[part] = spec.targets(x[pos_rows, pos_cols] * inv[pos_cols] / s,
+                                     None if norms is None else norms[pos_rows])
         e, new_max, chunk_sum = exp_logits(x, inv, pos_rows, pos_cols, targets[part], row_max)
         row_sum = row_sum.mul_(torch.exp(row_max - new_max)).add_(chunk_sum)  # rescaled to the new max
         row_max = new_max
@@ -186,11 +272,11 @@ class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
     """Fused: the global mean cross entropy, gradients formed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, rows, cols, index, margin, s, m, chunk_size, group, compiled):
+    def forward(ctx, embeddings, weight, rows, cols, index, spec, chunk_size, group, compiled):
         mm_dtype = chunked.autocast_dtype(embeddings.device)
         need_grads = any(ctx.needs_input_grad[:2])
         with torch.autocast(embeddings.device.type, enabled=False):
-            loss, grads = _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, margin, s, m,
+            loss, grads = _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec,
                                                       chunk_size, need_grads, mm_dtype, group, compiled)
         if grads is not None:
             ctx.grad_embeddings, ctx.grad_weight = grads
@@ -200,17 +286,21 @@ class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_embeddings, grad_weight = chunked.take_grads(ctx, ("grad_embeddings", "grad_weight"))
         return (chunked.scale_grad_(grad_embeddings, grad_loss), chunked.scale_grad_(grad_weight, grad_loss),
-                None, None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class PartialFCHead(ShardedHead):
-    """Identity-sharded margin softmax (CosFace or ArcFace) with Partial FC class sampling.
+    """Identity-sharded margin softmax (CosFace, ArcFace or SphereFace) with Partial FC class sampling.
 
     `weight` [num_local_classes, D] holds the rows of global classes class_start..class_stop-1
     (normalised inside the forward, with gradient). `forward` returns the mean loss of the
     global batch, the same value on every rank. Its gradient is dense (zero on the rows a
     sampled step did not keep), so any torch optimiser steps it. `implementation`,
     `chunk_size` and `compile_elementwise` are described in `ShardedHead`.
+
+    `s` None: the margin's default (64 for CosFace and ArcFace, 30 for SphereFace); `m` None:
+    the margin's default (0.4, 0.5, 1.5). `feature_scale="norm"` (SphereFace only) is the
+    original A-Softmax with `lambda_schedule` read at `schedule_step` (see the module docstring).
     """
 
     def __init__(
@@ -219,8 +309,10 @@ class PartialFCHead(ShardedHead):
         embedding_dim: int,
         *,
         margin: str = "cosface",
-        s: float = 64.0,
+        s: float | None = None,
         m: float | None = None,
+        feature_scale: str = "s",
+        lambda_schedule: LambdaSchedule = LambdaSchedule(),
         sample_rate: float = 1.0,
         process_group: dist.ProcessGroup | None = None,
         backbone_grads_averaged: bool = True,
@@ -232,7 +324,18 @@ class PartialFCHead(ShardedHead):
     ) -> None:
         if margin not in MARGINS:
             raise ValueError(f"margin must be one of {sorted(MARGINS)}, got {margin!r}")
-        if s <= 0:
+        if feature_scale not in FEATURE_SCALES:
+            raise ValueError(f"feature_scale must be one of {FEATURE_SCALES}, got {feature_scale!r}")
+        if feature_scale == "norm":
+            if margin != "sphereface":
+                raise ValueError(f"feature_scale='norm' is the original A-Softmax (SphereFace 2017); it needs "
+                                 f"margin='sphereface', not {margin!r}")
+            if s is not None:
+                raise ValueError(f"feature_scale='norm' scales each logit by its feature's norm; leave s unset "
+                                 f"(None), got s={s}")
+        elif s is None:
+            s = DEFAULT_SCALES[margin]
+        if s is not None and not s > 0:
             raise ValueError(f"scale s must be positive, got {s}")
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -247,16 +350,32 @@ class PartialFCHead(ShardedHead):
             chunk_size=chunk_size,
             compile_elementwise=compile_elementwise,
         )
-        self.margin, self.s = margin, float(s)
+        self.margin, self.feature_scale = margin, feature_scale
+        self.s = None if s is None else float(s)  # None: logits scaled by the feature's norm
         self.m = float(MARGINS[margin] if m is None else m)
+        if margin == "sphereface" and not (math.isfinite(self.m) and self.m >= 1.0):
+            raise ValueError(f"the SphereFace margin m must be a real number >= 1 (psi is decreasing there), "
+                             f"got {self.m}")
         if self.m < 0:
             raise ValueError(f"margin m must be non-negative, got {self.m}")
+        self.lambda_schedule = lambda_schedule
         self.sample_rate = float(sample_rate)
         self.num_sample = max(1, int(self.sample_rate * self.num_local_classes))
         self._last_kept: torch.Tensor | slice | None = None  # local classes the last forward kept (slice: all)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, margin={self.margin}, s={self.s}, m={self.m}, sample_rate={self.sample_rate}"
+        scale = f"s={self.s}" if self.s is not None else f"feature_scale=norm, {self.lambda_schedule}"
+        return f"{super().extra_repr()}, margin={self.margin}, {scale}, m={self.m}, sample_rate={self.sample_rate}"
+
+    @property
+    def blend_lambda(self) -> float | None:
+        """A-Softmax's lambda at `schedule_step` (feature_scale "norm"); None for the other forms."""
+        return self.lambda_schedule.at(self.schedule_step) if self.feature_scale == "norm" else None
+
+    def _logits(self) -> _Logits:
+        if self.feature_scale == "norm":
+            return _Logits(self.margin, self.m, 1.0, by_norm=True, lam=self.blend_lambda)
+        return _Logits(self.margin, self.m, self.s)
 
     @property
     def last_sampled_classes(self) -> torch.Tensor | None:
@@ -290,12 +409,15 @@ class PartialFCHead(ShardedHead):
         local_labels = gathered_labels[rows] - self.class_start
         kept = self.sample_classes(local_labels)  # [S_local], or None: every class
         self._last_kept = slice(None) if kept is None else kept
+        spec = self._logits()
+        features = gathered if spec.by_norm else F.normalize(gathered, dim=1)  # [N, D]
         if self.implementation == "fused":
             return _FusedShardedMarginCrossEntropy.apply(
-                F.normalize(gathered, dim=1), self.weight, rows, local_labels, kept, self.margin, self.s, self.m,
-                self.chunk_size, self.process_group, chunked.should_compile(self.compile_elementwise, gathered.device),
+                features, self.weight, rows, local_labels, kept, spec, self.chunk_size, self.process_group,
+                chunked.should_compile(self.compile_elementwise, gathered.device),
             )
         weight = self.weight if kept is None else self.weight[kept]
         cols = local_labels if kept is None else torch.searchsorted(kept, local_labels)  # among the kept
-        cos = cosines(F.normalize(gathered, dim=1), F.normalize(weight, dim=1))  # [N, S_local]
-        return _ShardedMarginCrossEntropy.apply(cos, rows, cols, self.margin, self.s, self.m, self.process_group)
+        dots = cosines(features, F.normalize(weight, dim=1))  # [N, S_local]
+        norms = features.detach().norm(dim=1).clamp_min_(1e-12) if spec.by_norm else None  # [N]
+        return _ShardedMarginCrossEntropy.apply(dots, norms, rows, cols, spec, self.process_group)

@@ -2,7 +2,8 @@
 
 Build one by name with `create_backbone(name, **kwargs)`; `list_backbones()` names them all;
 `backbone_spec(model)` gives the `{"name", "kwargs"}` a checkpoint stores to rebuild it.
-Importing this package registers iresnet18/50/100, sfnet20/64, mobilefacenet and smallcnn.
+Importing this package registers iresnet18/50/100, sfnet4/20/36/64 (with `norm: batch|none`),
+mobilefacenet and smallcnn.
 Backbones never use torch.distributed: parallelism is applied from outside.
 """
 from sf2dist.models.iresnet import IResNet

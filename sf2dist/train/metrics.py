@@ -10,6 +10,8 @@ import csv
 import warnings
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "loss_scale", "skipped_steps", "elapsed_s")
 EVAL_COLUMNS = ("step", "benchmark", "accuracy", "accuracy_std", "best_accuracy", "eer", "auc")
 
@@ -65,38 +67,42 @@ class RunLog:
 
 
 def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV file with a header; none when the file does not exist."""
+    if not path.exists():
+        return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def plot_run(run_dir: Path) -> Path:
-    """training.png: loss (and learning rate) against step, verification accuracy against step."""
-    import matplotlib
+def training_figure(train: list[dict], evals: list[dict]) -> Figure:
+    """Loss, learning rate and (when `evals` holds any) verification accuracy against step, side by side.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = read_csv(run_dir / "metrics.csv")
-    evals = read_csv(run_dir / "eval.csv")
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    `train` and `evals` are rows of metrics.csv and eval.csv. Rows without an accuracy (a
+    benchmark that reports none, such as IJB) are left out; a run with no accuracy to show
+    gets the loss and learning-rate panels only, not an empty accuracy panel.
+    """
+    accuracy_rows = [r for r in evals if r.get("accuracy")]
+    fig = Figure(figsize=(5.5 * (3 if accuracy_rows else 2), 4))
+    axes = fig.subplots(1, 3 if accuracy_rows else 2, sharex=True)  # one step axis, evaluations in line with the loss
     steps = [int(r["step"]) for r in train]
-    ax_loss.plot(steps, [float(r["loss"]) for r in train], label="training loss")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("training loss")
-    ax_lr = ax_loss.twinx()
-    ax_lr.plot(steps, [float(r["lr"]) for r in train], color="tab:gray", alpha=0.5, label="lr")
-    ax_lr.set_ylabel("learning rate")
-    for name in sorted({r["benchmark"] for r in evals}):
-        rows = [r for r in evals if r["benchmark"] == name]
-        ax_acc.plot([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows], "o-", label=name)
-    ax_acc.set_xlabel("step")
-    ax_acc.set_ylabel("verification accuracy (%)")
-    ax_acc.set_title("10-fold verification accuracy")
-    if evals:
+    ax_loss, ax_lr = axes[0], axes[1]
+    ax_loss.plot(steps, [float(r["loss"]) for r in train])
+    ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
+    ax_lr.plot(steps, [float(r["lr"]) for r in train], color="tab:gray")
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    if accuracy_rows:
+        ax_acc = axes[2]
+        for name in sorted({r["benchmark"] for r in accuracy_rows}):
+            rows = [r for r in accuracy_rows if r["benchmark"] == name]
+            ax_acc.plot([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows], "o-", label=name)
+        ax_acc.set(xlabel="step", ylabel="verification accuracy (%)", title="10-fold verification accuracy")
         ax_acc.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_run(run_dir: Path) -> Path:
+    """training.png from the run's metrics.csv and eval.csv (see `training_figure`)."""
     path = run_dir / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    training_figure(read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "eval.csv")).savefig(path, dpi=110)
     return path

@@ -22,12 +22,21 @@ from sf2dist import comm, parallel, stop
 from sf2dist.config import Config, config_to_dict, save_config
 from sf2dist.data import make_loader
 from sf2dist.eval import ExtractOptions, evaluate_prepared, prepare_benchmark
-from sf2dist.heads import PartialFCHead, SphereFace2Head, make_head_sgd
+from sf2dist.heads import LambdaSchedule, PartialFCHead, SphereFace2Head, make_head_sgd
 from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
 from sf2dist.train.metrics import RunLog, plot_run
 from sf2dist.stop import EXIT_PREEMPTED  # noqa: F401  (launch/train.py's exit status after a stop)
+
+
+def headline(metrics: dict) -> str:
+    """One line for a benchmark's result: 10-fold accuracy for a pair set, TAR@FAR for IJB."""
+    if "accuracy" in metrics:
+        return f"verification accuracy {100 * metrics['accuracy']:.2f} ± {100 * metrics['accuracy_std']:.2f} % (10-fold)"
+    rates = ", ".join(f"TAR@FAR={far} {'-' if tar is None else f'{100 * tar:.2f} %'}"
+                      for far, tar in metrics.get("tar_at_far", {}).items())
+    return f"{rates}; best accuracy {100 * metrics['best_accuracy']:.2f} %"
 
 
 class BadStepsError(RuntimeError):
@@ -41,8 +50,10 @@ def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
         return SphereFace2Head(num_classes, cfg.model.embedding_dim, alpha=h.alpha, r=h.r, t=h.t,
                                loss_weight=h.loss_weight, sample_rate=h.sample_rate, seed=cfg.run.seed,
                                storage_dtype=getattr(torch, h.storage), **optional)
-    return PartialFCHead(num_classes, cfg.model.embedding_dim, s=h.s, sample_rate=h.sample_rate,
-                         seed=cfg.run.seed, **optional)
+    # s None: the margin's default scale; with feature_scale norm, A-Softmax's lambda follows head.schedule_step
+    schedule = LambdaSchedule(base=h.lambda_base, gamma=h.lambda_gamma, power=h.lambda_power, minimum=h.lambda_min)
+    return PartialFCHead(num_classes, cfg.model.embedding_dim, s=h.s, feature_scale=h.feature_scale,
+                         lambda_schedule=schedule, sample_rate=h.sample_rate, seed=cfg.run.seed, **optional)
 
 
 class Trainer:
@@ -221,6 +232,7 @@ class Trainer:
         scale = self.loss_scale.scale
         lr_factor = optim.lr_factor(self.state.step, self.total_steps, self.cfg.optim)
         optim.set_lr(self.head_optimizer, self.head_lr * lr_factor)  # before the forward: a fused head steps there
+        self.head.schedule_step = self.state.step  # a scheduled loss (A-Softmax's lambda) follows the run's step
         loss_share = torch.zeros((), device=self.device)
         for micro in range(accumulation):
             images, labels = next(batches)
@@ -287,8 +299,7 @@ class Trainer:
             results[result.name] = result.metrics
             if self.log is not None:
                 self.log.eval(self.state.step, result.name, result.metrics)
-                tqdm.write(f"step {self.state.step}: {result.name} verification accuracy "
-                           f"{100 * result.metrics['accuracy']:.2f} ± {100 * result.metrics['accuracy_std']:.2f} %")
+                tqdm.write(f"step {self.state.step}: {result.name} {headline(result.metrics)}")
         return results
 
     def save_checkpoint(self) -> Path:
