@@ -59,8 +59,3 @@ def requested() -> bool:
 def received() -> list[str]:
     """The stop signals received so far, by name."""
     return list(_received)
-
-
-def clear() -> None:
-    """Forget the requests received so far (a process that runs several trainings, such as a test)."""
-    _received.clear()

@@ -173,13 +173,15 @@ def run_fused_case(name: str, rank: int, world_size: int, implementation: str, c
     return result
 
 
-def run_fused_cases(rank: int, world_size: int) -> dict:
-    """{case: {"reference": result, chunk_size: result, ...}} on this rank."""
+def run_fused_cases(rank: int, world_size: int, cases=None, run_case=None) -> dict:
+    """{case: {"reference": result, chunk_size: result, ...}} on this rank, for `cases` (default
+    FUSED_CASES) run by `run_case(name, rank, world_size, implementation, chunk_size)`."""
+    cases, run_case = cases or FUSED_CASES, run_case or run_fused_case
     results = {}
-    for name in FUSED_CASES:
-        runs = {"reference": run_fused_case(name, rank, world_size, "reference", None)}
+    for name in cases:
+        runs = {"reference": run_case(name, rank, world_size, "reference", None)}
         for chunk_size in FUSED_CHUNK_SIZES:
-            runs[str(chunk_size)] = run_fused_case(name, rank, world_size, "fused", chunk_size)
+            runs[str(chunk_size)] = run_case(name, rank, world_size, "fused", chunk_size)
         results[name] = runs
     return results
 

@@ -25,7 +25,7 @@ from sf2dist.train.trainer import build_head
 from tests import dense_reference
 from tests.distributed import run_on_ranks
 from tests.head_cases import (
-    EMBEDDING_DIM, FUSED_CHUNK_SIZES, GRAD_LOSS, NUM_CLASSES, SPHEREFACE_CASES, AllocationTracker,
+    EMBEDDING_DIM, FUSED_CHUNK_SIZES, GRAD_LOSS, NUM_CLASSES, SPHEREFACE_CASES, AllocationTracker, run_fused_cases,
 )
 
 WORLD_SIZES = (1, 2, 3)
@@ -85,13 +85,7 @@ def _run_case(name: str, rank: int, world_size: int, implementation: str, chunk_
 
 def _run_all(rank: int, world_size: int) -> dict:
     """{case: {"reference": result, "<chunk size>": result, ...}} on this rank."""
-    results = {}
-    for name in SPHEREFACE_CASES:
-        runs = {"reference": _run_case(name, rank, world_size, "reference", None)}
-        for chunk_size in FUSED_CHUNK_SIZES:
-            runs[str(chunk_size)] = _run_case(name, rank, world_size, "fused", chunk_size)
-        results[name] = runs
-    return results
+    return run_fused_cases(rank, world_size, SPHEREFACE_CASES, _run_case)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tiny_data, tmp_path):
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    from sf2dist.train.trainer import EXIT_PREEMPTED
+    from sf2dist.stop import EXIT_PREEMPTED
 
     assert proc.returncode == EXIT_PREEMPTED, out + err
     status = json.loads((run_dir / "status.json").read_text())

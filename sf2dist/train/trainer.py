@@ -27,7 +27,6 @@ from sf2dist.models import create_backbone
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
 from sf2dist.train.metrics import RunLog, plot_run
-from sf2dist.stop import EXIT_PREEMPTED  # noqa: F401  (launch/train.py's exit status after a stop)
 
 
 def headline(metrics: dict) -> str:
