@@ -13,6 +13,7 @@ No torch import here: this module loads in milliseconds.
 """
 from __future__ import annotations
 
+import os
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -49,6 +50,16 @@ def ignore() -> None:
     late SIGTERM (torchrun ending the ranks once the first has exited) must not kill it midway."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def check_file() -> bool:
+    """Count a stop request left in the file $SF2DIST_STOP_FILE names (launch/slurm/train.sbatch
+    writes it before it signals the ranks, so a signal sent while a rank was still being
+    started, and lost, is still seen when its training loop begins)."""
+    path = os.environ.get("SF2DIST_STOP_FILE")
+    if path and os.path.exists(path) and not _received:
+        _received.append(f"file {path}")
+    return requested()
 
 
 def requested() -> bool:

@@ -71,3 +71,17 @@ def test_prepare_prints_the_run_directory_or_says_what_is_wrong(tmp_path, capsys
     assert "did you mean 'optim.lr'" in capsys.readouterr().err
     assert slurm.main(["prepare", str(config), "--resume"]) == 2
     assert "unexpected argument '--resume'" in capsys.readouterr().err
+
+
+def test_a_stop_request_file_counts_as_a_stop_signal(tmp_path, monkeypatch):
+    """train.sbatch writes it before signalling: a rank started after the signal still stops."""
+    from sf2dist import stop
+
+    monkeypatch.setattr(stop, "_received", [])
+    monkeypatch.setenv("SF2DIST_STOP_FILE", str(tmp_path / "stop-request.7.0"))
+    assert not stop.check_file()
+    (tmp_path / "stop-request.7.0").write_text("USR1\n")
+    assert stop.check_file() and stop.received() == [f"file {tmp_path / 'stop-request.7.0'}"]
+    monkeypatch.setenv("SF2DIST_STOP_FILE", "")
+    monkeypatch.setattr(stop, "_received", [])
+    assert not stop.check_file()

@@ -138,6 +138,7 @@ class Trainer:
                         dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
         self.engine.train()
         installed = stop.install()  # launch/train.py installed it at start; a Trainer used in-process does here
+        stop.check_file()  # a request sent before this rank could catch the signal
         try:
             results = self._loop(stop_step, progress)
         except BaseException as err:
