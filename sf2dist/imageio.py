@@ -46,7 +46,15 @@ def decode_image(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             pixels = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        # Pillow's own message here holds the repr of its buffer object: say what it means
+        what = "starts like a JPEG but its header is unreadable" if data[:2] == b"\xff\xd8" else (
+            "not in any image format Pillow reads"
+        )
+        raise ImageDecodeError(
+            f"cannot decode image ({len(data)} bytes): {what} (first bytes: {data[:8].hex(' ')})"
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {err}") from err
     if out is not None and pixels.shape == out.shape:
         out[...] = pixels

@@ -40,7 +40,7 @@ def identity_folders(tmp_path):
     for name, data in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
-    (root / "bob" / "nested").mkdir()  # not an image file: rejected
+    (root / "bob" / "nested").mkdir()  # not an identity folder: skipped with a warning
     return root, files
 
 
@@ -48,18 +48,20 @@ def test_big_ids_pass_through_folder_shards_and_loader(identity_folders, tmp_pat
     root, files = identity_folders
     out = tmp_path / "shards"
     code = convert.main(["folder", "--root", str(root), "--out", str(out), "--label-offset", str(BIG),
-                         "--image-size", str(SIZE), "--workers", "2", "--shard-size", "2", "--quiet"])
+                         "--image-size", str(SIZE), "--workers", "2", "--shard-size", "2", "--quiet",
+                         "--max-reject-fraction", "0.2"])
     output = capsys.readouterr()
     assert code == 0, output.err
-    assert f"read 7 records: wrote 5 samples of {BIG + 3} classes in 3 shards" in output.out
+    assert f"read 6 images: wrote 5 samples of {BIG + 3} classes in 3 shards" in output.out
+    assert "ignored 1 nested folder inside identity folders" in output.err and "bob/nested" in output.err
     expected_labels = {"alice": BIG, "bob": BIG + 1, "carol": BIG + 2}
     assert (out / "labels.tsv").read_text() == "".join(f"{v}\t{k}\n" for k, v in expected_labels.items())
 
     manifest = read_manifest(out)
     assert manifest.num_classes == BIG + 3
-    assert manifest.counts == {"records_read": 7, "written": 5, "rejected": 2, "reencoded": 1}
+    assert manifest.counts == {"records_read": 6, "written": 5, "rejected": 1, "reencoded": 1}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert [r["key"] for r in rejects] == ["bob/broken.jpg", "bob/nested"]
+    assert [r["key"] for r in rejects] == ["bob/broken.jpg"]
 
     # the tars are plain webdataset: cls is the exact decimal id, JPEG bytes are unchanged
     tars = [str(out / s.tar) for s in manifest.shards]

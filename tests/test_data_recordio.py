@@ -122,7 +122,8 @@ def test_corrupt_jpeg_is_rejected_and_counts_reconcile(tmp_path):
 def test_wrong_image_size_is_rejected(tmp_path):
     records = {0: pack_payload(0.0, face_jpeg(0, SIZE)), 1: pack_payload(1.0, face_jpeg(1, 16))}
     write_recordio(tmp_path / "d.rec", tmp_path / "d.idx", records)
-    summary = convert.convert_recordio(tmp_path / "d.rec", tmp_path / "d.idx", tmp_path / "out", image_size=(SIZE, SIZE))
+    summary = convert.convert_recordio(tmp_path / "d.rec", tmp_path / "d.idx", tmp_path / "out", image_size=(SIZE, SIZE),
+                                       max_reject_fraction=0.5)
     assert (summary.written, summary.rejected) == (1, 1)
     assert "16x16" in (tmp_path / "out" / "rejects.jsonl").read_text()
 

@@ -12,8 +12,10 @@ A shard directory holds (DESIGN.md, "Formats"):
   A directory without it is an unfinished conversion.
 
 This module also owns the re-run policy for output directories (`claim_output_dir`): a
-finished conversion of the same source is refused as already done, anything else that is
-there is refused with a description of it, and `overwrite` removes only files sf2dist wrote.
+finished conversion of the same source with the same image and shard sizes is reported as
+already done (`AlreadyConverted`, which the command lines answer with exit status 0),
+anything else that is there is refused with a description of it, and `overwrite` removes
+only files sf2dist wrote.
 """
 from __future__ import annotations
 
@@ -49,6 +51,49 @@ class ShardFormatError(ValueError):
 
 class OutputDirError(ValueError):
     """An output directory already holds data that a new conversion must not mix with."""
+
+
+class AlreadyConverted(OutputDirError):
+    """The output directory already holds a finished conversion of the same source."""
+
+    def __init__(self, out_dir: Path, manifest: dict):
+        super().__init__(
+            f"output {out_dir} already holds a finished conversion of this source; nothing to "
+            f"do (pass --overwrite to convert it again)"
+        )
+        self.out_dir = out_dir
+        self.manifest = manifest  # the finished conversion's manifest.json, as read
+
+
+def counted(number: int, singular: str, plural: str | None = None) -> str:
+    """'1 image', '2 images', '1 class', '3 classes': a count with its noun."""
+    if number == 1:
+        return f"1 {singular}"
+    return f"{number} {plural or singular + 's'}"
+
+
+def describe_source(source: dict | None) -> str:
+    """A conversion's `source` in words, for messages (never a dict repr)."""
+    if not isinstance(source, dict):
+        return "an unknown source"
+    kind = source.get("kind")
+    if kind == "recordio":
+        return f"the RecordIO file {source.get('rec')}"
+    if kind == "folder":
+        return f"the identity folders in {source.get('root')} (label offset {source.get('label_offset', 0)})"
+    if kind == "synthetic":
+        return (
+            f"a synthetic set: seed {source.get('seed')}, {source.get('identities')} identities x "
+            f"{source.get('images_per_identity')} images of {source.get('size')} pixels, "
+            f"{source.get('holdout_identities')} held-out identities, {source.get('pairs')} pairs"
+        )
+    return f"a source of kind {kind!r}"
+
+
+def shard_split(num_samples: int, shard_size: int) -> list[int]:
+    """Samples per shard when `num_samples` are written `shard_size` to a shard."""
+    full, rest = divmod(num_samples, shard_size)
+    return [shard_size] * full + ([rest] if rest else [])
 
 
 @dataclass(frozen=True)
@@ -157,6 +202,11 @@ def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
     directory = Path(shard_dir)
     path = directory / MANIFEST_NAME
     if not path.is_file():
+        if (directory / "train" / MANIFEST_NAME).is_file():
+            raise ShardFormatError(
+                f"{directory} has no {MANIFEST_NAME} but its train/ folder does (an "
+                f"sf2dist-synth output): point at {directory / 'train'} instead"
+            )
         what = "does not exist" if not directory.exists() else f"has no {MANIFEST_NAME}"
         raise ShardFormatError(
             f"{directory} {what}: expected a shard directory written by sf2dist-convert or "
@@ -178,10 +228,12 @@ def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
             source=raw["source"],
             counts=raw["counts"],
         )
-    except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as err:
-        if isinstance(err, ShardFormatError):
-            raise
-        raise ShardFormatError(f"{path} is not a valid sf2dist manifest: {err!r}") from None
+    except ShardFormatError:
+        raise
+    except KeyError as err:
+        raise ShardFormatError(f"{path} is not a valid sf2dist manifest: it lacks the field {err}") from None
+    except (json.JSONDecodeError, TypeError, IndexError, ValueError) as err:
+        raise ShardFormatError(f"{path} is not a valid sf2dist manifest: {err}") from None
     if manifest.num_samples < 1 or manifest.num_samples != sum(s.num_samples for s in shards):
         raise ShardFormatError(
             f"{path}: num_samples is {manifest.num_samples} but the shards hold "
@@ -212,17 +264,20 @@ def claim_output_dir(
     source: dict,
     *,
     overwrite: bool,
+    image_size: tuple[int, int],
+    shard_size: int,
     owned: tuple[str, ...] = SHARD_DIR_FILES,
     manifest: str = MANIFEST_NAME,
 ) -> Path:
     """Make `out_dir` ready for a new conversion of `source`, or refuse and say why.
 
     `owned` are the glob patterns (relative to out_dir) of files a conversion writes and
-    `manifest` the file whose presence marks it finished.
+    `manifest` the file whose presence marks it finished. A finished conversion of the same
+    source into shards of `shard_size` samples of `image_size` raises `AlreadyConverted`.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise OutputDirError(f"output {out} exists and is not a directory")
+        raise OutputDirError(f"output {out} exists and is not a directory; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(
         os.path.relpath(os.path.join(root, name), out)
@@ -242,22 +297,37 @@ def claim_output_dir(
         manifest_path = out / manifest
         if manifest_path.is_file():
             try:
-                previous = json.loads(manifest_path.read_text()).get("source")
+                previous = json.loads(manifest_path.read_text())
             except json.JSONDecodeError:
                 previous = None
-            if previous == source:
+            if not isinstance(previous, dict):
+                previous = {}
+            if previous.get("source") != source:
                 raise OutputDirError(
-                    f"output {out} already holds a finished conversion of this source; "
-                    f"nothing to do (pass --overwrite to convert it again)"
+                    f"output {out} already holds a conversion of another source "
+                    f"({describe_source(previous.get('source'))}); choose another directory or "
+                    f"pass --overwrite to replace it"
                 )
-            raise OutputDirError(
-                f"output {out} already holds a conversion of another source ({previous}); "
-                f"choose another directory or pass --overwrite to replace it"
-            )
+            shard_samples = [shard.get("num_samples", 0) for shard in previous.get("shards", [])]
+            if previous.get("image_size") != list(image_size) or shard_samples != shard_split(
+                previous.get("num_samples", 0), shard_size
+            ):
+                raise OutputDirError(
+                    f"output {out} holds a finished conversion of this source with "
+                    f"{_size_words(previous.get('image_size'))} images in shards of up to "
+                    f"{max(shard_samples, default=0)} samples; pass --overwrite to convert it again "
+                    f"with {_size_words(image_size)} images in shards of {shard_size} samples, or "
+                    f"choose another directory"
+                )
+            raise AlreadyConverted(out, previous)
         raise OutputDirError(
-            f"output {out} holds {len(files)} file(s) of an unfinished conversion (no "
+            f"output {out} holds {counted(len(files), 'file')} of an unfinished conversion (no "
             f"{manifest}); pass --overwrite to start over"
         )
     for name in files:
         (out / name).unlink()
     return out
+
+
+def _size_words(image_size) -> str:
+    return "x".join(str(side) for side in image_size) if image_size else "unknown-size"

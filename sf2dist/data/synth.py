@@ -16,9 +16,11 @@ identity's images depend only on the seed and its number, not on how work is spl
 across processes. Training identities are numbered 0..K-1 (their labels); held-out
 identities K..K+H-1, so they are never seen in training.
 
-Output: `OUT/train/` (shards + manifest.json, written last), `OUT/holdout.bin` (an
-InsightFace-style pickle of (list of JPEG bytes, list of bools); pair i is images 2i and
-2i+1) and `OUT/holdout_pairs.tsv` (which identities and images each pair shows).
+Output: `OUT/train/` (shards + manifest.json, written last) and, when held-out identities
+are asked for, `OUT/holdout.bin` (an InsightFace-style pickle of (list of JPEG bytes, list of
+bools); pair i is images 2i and 2i+1) and `OUT/holdout_pairs.tsv` (which identities and
+images each pair shows). An empty pair set is never written: without held-out identities
+there is no pair file, and held-out identities without pairs are refused.
 """
 from __future__ import annotations
 
@@ -36,14 +38,19 @@ from tqdm import tqdm
 
 from sf2dist.data.shards import (
     SHARD_DIR_FILES,
+    AlreadyConverted,
     OutputDirError,
     ShardSetWriter,
     claim_output_dir,
+    counted,
+    describe_source,
     write_manifest,
 )
 from sf2dist.imageio import encode_jpeg
 
 GENERATOR_VERSION = 1
+DEFAULT_SIZE = 112
+DEFAULT_SHARD_SIZE = 10_000
 _CODE, _IMAGES, _PAIRS = range(3)  # SeedSequence streams
 _CANVAS = 1.3  # the canonical rendering covers [-1.3, 1.3]^2; the face about [-0.7, 0.7]
 
@@ -319,6 +326,50 @@ def sample_pairs(seed: int, identities: int, images_per_identity: int, pairs: in
     return [result[i] for i in order]
 
 
+class SynthOptionError(ValueError):
+    """A size or count the generator cannot work with (the command line exits with status 2)."""
+
+
+def check_options(*, identities: int, images_per_identity: int, holdout_identities: int, pairs: int,
+                  size: int, shard_size: int, jpeg_quality: int | None, workers: int) -> None:
+    """Refuse, before anything is written, options that give no usable set; say what to pass."""
+    if identities < 1:
+        raise SynthOptionError(f"--identities must be at least 1, got {identities}")
+    if images_per_identity < 2:
+        raise SynthOptionError(
+            f"--images-per-identity must be at least 2 (a positive pair needs two images of one "
+            f"identity), got {images_per_identity}"
+        )
+    if size < 16:
+        raise SynthOptionError(f"--size must be at least 16 pixels, got {size}")
+    if shard_size < 1:
+        raise SynthOptionError(f"--shard-size must be at least 1, got {shard_size}")
+    if workers < 0:
+        raise SynthOptionError(f"--workers must be 0 or more, got {workers}")
+    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+        raise SynthOptionError(f"--jpeg-quality must be in 1..100, got {jpeg_quality}")
+    if holdout_identities < 0 or pairs < 0:
+        raise SynthOptionError(
+            f"--holdout-identities and --pairs must be 0 or more, got {holdout_identities} and {pairs}"
+        )
+    if pairs > 0 and holdout_identities == 0:
+        raise SynthOptionError(
+            f"--pairs {pairs} needs held-out identities to draw the pairs from: add "
+            f"--holdout-identities N (at least 2, e.g. 200)"
+        )
+    if holdout_identities == 1:
+        raise SynthOptionError(
+            "--holdout-identities must be 0 or at least 2 (a negative pair needs two held-out "
+            "identities), got 1"
+        )
+    if holdout_identities > 0 and pairs == 0:
+        raise SynthOptionError(
+            f"--holdout-identities {holdout_identities} without --pairs would write an empty "
+            f"holdout.bin: add --pairs N (e.g. 3000), or leave out --holdout-identities to write "
+            f"training shards only"
+        )
+
+
 def generate(
     out_dir: str | os.PathLike,
     *,
@@ -326,9 +377,9 @@ def generate(
     images_per_identity: int,
     holdout_identities: int,
     pairs: int,
-    size: int = 112,
+    size: int = DEFAULT_SIZE,
     seed: int = 0,
-    shard_size: int = 10_000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
     jpeg_quality: int | None = None,
     workers: int = 0,
     overwrite: bool = False,
@@ -336,17 +387,15 @@ def generate(
 ) -> Path:
     """Write a synthetic dataset (module docstring) into `out_dir`; returns it.
 
-    `jpeg_quality` fixes the quality of every image (default: drawn per image from JPEG_QUALITY).
+    `jpeg_quality` fixes the quality of every image (default: drawn per image from
+    JPEG_QUALITY). With `holdout_identities=0` (and `pairs=0`) only `train/` is written.
+    Raises `SynthOptionError` for unusable options, `AlreadyConverted` when `out_dir` holds
+    this very set.
     """
-    if identities < 1 or images_per_identity < 2 or size < 16:
-        raise ValueError(
-            f"need identities >= 1, images per identity >= 2 and size >= 16, got {identities}, "
-            f"{images_per_identity}, {size}"
-        )
-    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"JPEG quality must be in 1..100, got {jpeg_quality}")
-    if pairs > 0 and holdout_identities < 2:
-        raise ValueError(f"verification pairs need at least 2 held-out identities, got {holdout_identities}")
+    check_options(
+        identities=identities, images_per_identity=images_per_identity, holdout_identities=holdout_identities,
+        pairs=pairs, size=size, shard_size=shard_size, jpeg_quality=jpeg_quality, workers=workers,
+    )
     source = {
         "kind": "synthetic", "generator_version": GENERATOR_VERSION, "seed": seed,
         "identities": identities, "images_per_identity": images_per_identity, "size": size,
@@ -355,20 +404,12 @@ def generate(
     if jpeg_quality is not None:
         source["jpeg_quality"] = jpeg_quality
     owned = tuple(f"train/{p}" for p in SHARD_DIR_FILES) + ("holdout.bin", "holdout.bin.tmp", "holdout_pairs.tsv")
-    out = claim_output_dir(out_dir, source, overwrite=overwrite, owned=owned, manifest="train/manifest.json")
+    out = claim_output_dir(out_dir, source, overwrite=overwrite, image_size=(size, size), shard_size=shard_size,
+                           owned=owned, manifest="train/manifest.json")
 
-    holdout = range(identities, identities + holdout_identities)
-    holdout_images = dict(_generate(seed, holdout, images_per_identity, size, jpeg_quality, workers, "held-out identities", progress))
-    chosen = sample_pairs(seed, holdout_identities, images_per_identity, pairs)
-    with open(out / "holdout_pairs.tsv", "w") as f:
-        f.write("issame\tidentity0\timage0\tidentity1\timage1\n")
-        for same, a, i, b, j in chosen:
-            f.write(f"{int(same)}\t{identities + a}\t{i}\t{identities + b}\t{j}\n")
-    jpegs = [holdout_images[identities + ident][image] for _, a, i, b, j in chosen for ident, image in ((a, i), (b, j))]
-    with open(out / "holdout.bin.tmp", "wb") as f:
-        pickle.dump((jpegs, [same for same, *_ in chosen]), f, protocol=4)
-    os.replace(out / "holdout.bin.tmp", out / "holdout.bin")
-
+    if pairs > 0:
+        _write_holdout(out, seed, identities, holdout_identities, images_per_identity, pairs, size, jpeg_quality,
+                       workers, progress)
     (out / "train").mkdir(exist_ok=True)
     writer = ShardSetWriter(out / "train", shard_size)
     for identity, images in _generate(seed, range(identities), images_per_identity, size, jpeg_quality, workers, "training identities", progress):
@@ -382,37 +423,88 @@ def generate(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _write_holdout(out: Path, seed: int, identities: int, holdout_identities: int, images_per_identity: int,
+                   pairs: int, size: int, jpeg_quality: int | None, workers: int, progress: bool) -> None:
+    """holdout.bin (atomically) and holdout_pairs.tsv for held-out identities K..K+H-1."""
+    holdout = range(identities, identities + holdout_identities)
+    holdout_images = dict(_generate(seed, holdout, images_per_identity, size, jpeg_quality, workers, "held-out identities", progress))
+    chosen = sample_pairs(seed, holdout_identities, images_per_identity, pairs)
+    with open(out / "holdout_pairs.tsv", "w") as f:
+        f.write("issame\tidentity0\timage0\tidentity1\timage1\n")
+        for same, a, i, b, j in chosen:
+            f.write(f"{int(same)}\t{identities + a}\t{i}\t{identities + b}\t{j}\n")
+    jpegs = [holdout_images[identities + ident][image] for _, a, i, b, j in chosen for ident, image in ((a, i), (b, j))]
+    with open(out / "holdout.bin.tmp", "wb") as f:
+        pickle.dump((jpegs, [same for same, *_ in chosen]), f, protocol=4)
+    os.replace(out / "holdout.bin.tmp", out / "holdout.bin")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sf2dist-synth",
-        description="Write procedural face-like identities as training shards plus a held-out verification pair set.",
+        description="Write procedural face-like identities as training shards (OUT/train) and, with "
+        "--holdout-identities and --pairs, a held-out verification pair set (OUT/holdout.bin).",
+        epilog="Exit status: 0 written (or already there), 1 writing failed, 2 an option is wrong.",
     )
-    parser.add_argument("--identities", type=int, required=True, help="training identities K (labels 0..K-1)")
-    parser.add_argument("--images-per-identity", type=int, required=True, help="images per identity (>= 2)")
-    parser.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    parser.add_argument("--out", required=True, help="output directory (new or empty)")
-    parser.add_argument("--holdout-identities", type=int, default=0, help="identities kept out of training for holdout.bin")
-    parser.add_argument("--pairs", type=int, default=0, help="verification pairs in holdout.bin (half positive)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shard-size", type=int, default=10_000, help="samples per shard (default 10000)")
+    workers = min(8, os.cpu_count() or 1)
+    parser.add_argument("--identities", type=int, required=True, help="training identities K, labels 0..K-1 (required)")
+    parser.add_argument("--images-per-identity", type=int, required=True,
+                        help="images per identity, at least 2 (required)")
+    parser.add_argument("--out", required=True, help="output directory, new or empty (required)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"image side in pixels; images are square (default {DEFAULT_SIZE})")
+    parser.add_argument("--holdout-identities", type=int, default=0,
+                        help="identities kept out of training, for OUT/holdout.bin; at least 2, with --pairs "
+                        "(default 0: no held-out pair set is written)")
+    parser.add_argument("--pairs", type=int, default=0,
+                        help="verification pairs in OUT/holdout.bin, half of them positive; needs "
+                        "--holdout-identities (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of every identity and image; the same seed gives the same bytes (default 0)")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--jpeg-quality", type=int, default=None,
-                        help=f"one JPEG quality for every image (default: drawn per image from {JPEG_QUALITY[0]}..{JPEG_QUALITY[1]})")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="rendering processes (default min(8, CPUs); 0 renders in this process)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier synthetic set in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+                        help=f"one JPEG quality for every image (default: drawn per image from "
+                        f"{JPEG_QUALITY[0]}..{JPEG_QUALITY[1]})")
+    parser.add_argument("--workers", type=int, default=workers,
+                        help=f"rendering processes (default min(8, CPUs), here {workers}; 0 renders in this process)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier synthetic set in --out (default off: the same set is left "
+                        "as it is, anything else is refused)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (default: show one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = generate(
             args.out, identities=args.identities, images_per_identity=args.images_per_identity,
             holdout_identities=args.holdout_identities, pairs=args.pairs, size=args.size, seed=args.seed,
             shard_size=args.shard_size, jpeg_quality=args.jpeg_quality, workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
         )
+    except SynthOptionError as err:
+        print(f"sf2dist-synth: error: {err}", file=sys.stderr)
+        return 2
+    except AlreadyConverted as done:
+        print(f"already written: {done.out_dir} holds {describe_source(done.manifest.get('source'))}; "
+              f"nothing to do (pass --overwrite to write it again)")
+        return 0
     except (OutputDirError, ValueError, OSError) as err:
         print(f"sf2dist-synth: error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.identities * args.images_per_identity} training images of {args.identities} identities "
-          f"to {out / 'train'} and {args.pairs} held-out pairs to {out / 'holdout.bin'}")
+    except KeyboardInterrupt:
+        print(f"sf2dist-synth: interrupted; {args.out} is unfinished (run again with --overwrite to start over)",
+              file=sys.stderr)
+        return 130
+    trained = (f"wrote {counted(args.identities * args.images_per_identity, 'training image')} of "
+               f"{counted(args.identities, 'identity', 'identities')} to {out / 'train'}")
+    if args.pairs:
+        print(f"{trained} and {counted(args.pairs, 'held-out pair')} of "
+              f"{counted(args.holdout_identities, 'identity', 'identities')} to {out / 'holdout.bin'}")
+    else:
+        print(f"{trained}; no held-out pair set (pass --holdout-identities 200 --pairs 3000, for example, "
+              f"to also write {out / 'holdout.bin'} for evaluation)")
     return 0
 
 
