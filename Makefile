@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage gpu-check clean
+.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage gpu-check reproduce clean
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,13 @@ bench-head-storage: install demo-data
 # runs/gpu-check/report.json and the GPU section of docs/benchmarks.md.
 gpu-check: install
 	$(PY) launch/gpu_check.py --out-dir runs/gpu-check --docs docs/benchmarks.md
+
+# The paper's loss comparison, ablation and label-noise experiments on held-out synthetic
+# identities (launch/reproduce.py, CPU profile); writes runs/reproduce/ and docs/results.md.
+# Re-running resumes: finished runs are skipped.
+REPRODUCE_ARGS ?=
+reproduce: install
+	$(PY) launch/reproduce.py --profile cpu --experiment all $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

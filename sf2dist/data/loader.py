@@ -16,10 +16,15 @@ Batch t of an epoch is computed from (seed, epoch, t) alone: DataLoader workers 
 (epoch, step) keys from a sampler in the main process, so the order is the same for any
 num_workers, and resuming at a step is skipping to it. Samples are read at random through
 the per-shard index (shards.py) with one pread each; this suits local disks and the page
-cache (stage shards to local storage on network file systems). Flips and label noise are
-derived from per-sample hashes as well, so they too are reproducible; label noise depends
-on the seed only (a fixed corruption of the dataset, as in the SphereFace2 paper's label
-noise experiment), flips on the seed and the epoch.
+cache (stage shards to local storage on network file systems). Flips are derived from
+per-sample hashes of the seed and the epoch, so they too are reproducible.
+
+Label noise (`noisy_labels`) is a fixed corruption of the dataset, as in the SphereFace2
+paper's noisy-label experiment: within every class, exactly round(p · n_c) of its n_c samples
+(rounded half up) get a uniformly drawn *other* class. Which samples and which classes
+depend on the seed and the samples' global numbers only, so a sample carries the same
+noisy label in every epoch, on every rank and for any world size or batch size. The table
+is built once per loader from the shard indexes (vectorised; int64, 8 bytes per sample).
 
 A record that fails to decode here (a shard damaged after conversion) is reported with a
 warning naming the shard and byte offset and replaced by the next sample of the dataset,
@@ -70,6 +75,36 @@ def _key(*parts: int) -> np.uint64:
     for part in parts:
         state = _mix(state + np.uint64((part + 0x9E3779B97F4A7C15) & _MASK64))
     return state[0]
+
+
+def noisy_labels(labels: np.ndarray, ratio: float, seed: int, num_classes: int) -> np.ndarray:
+    """`labels` [N] (int64, sample i's true class) with per-class label noise applied.
+
+    Within each class c with n_c samples, the floor(ratio · n_c + 1/2) samples with the
+    lowest hash of (seed, sample number) are changed, each to class (c + k) mod num_classes
+    with k hashed from (seed, sample number) in [1, num_classes − 1]: a uniformly drawn
+    other class. Nothing depends on how samples are later split or ordered.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"label noise ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0 or len(labels) == 0:
+        return labels.copy()
+    if num_classes < 2:
+        raise ValueError(f"label noise needs at least 2 classes, got {num_classes}")
+    sample_ids = np.arange(len(labels), dtype=np.uint64)
+    picks = _mix(sample_ids ^ _key(seed, _NOISE_PICK))
+    # samples grouped by class, each class's in hash order; a sample's rank within its class
+    order = np.lexsort((picks, labels))
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    sizes = np.diff(np.r_[starts, len(labels)])
+    rank_in_class = np.arange(len(labels)) - np.repeat(starts, sizes)
+    changed_per_class = np.floor(ratio * sizes + 0.5).astype(np.int64)
+    changed = np.zeros(len(labels), dtype=bool)
+    changed[order] = rank_in_class < np.repeat(changed_per_class, sizes)
+    shifts = 1 + (_mix(sample_ids ^ _key(seed, _NOISE_CLASS)) % np.uint64(num_classes - 1)).astype(np.int64)
+    return np.where(changed, (labels + shifts) % num_classes, labels)
 
 
 class EpochOrder:
@@ -129,6 +164,10 @@ class EpochBatches(Dataset):
         self._shard_starts = list(itertools.accumulate((s.num_samples for s in manifest.shards), initial=0))
         self._indexes: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
+        self._noisy_labels: np.ndarray | None = None  # [N] int64, every sample's training label
+        if label_noise > 0:
+            true_labels = np.concatenate([load_index(manifest, n)[:, 2] for n in range(len(manifest.shards))])
+            self._noisy_labels = noisy_labels(true_labels, label_noise, seed, manifest.num_classes)
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -140,16 +179,10 @@ class EpochBatches(Dataset):
         return EpochOrder(self.num_samples, self.seed, epoch)(positions)
 
     def labels_of(self, ids: np.ndarray) -> np.ndarray:
-        """Training labels of these samples (int64), label noise included."""
-        labels = np.array([self._locate(i)[3] for i in ids.tolist()], dtype=np.int64)
-        if self.label_noise > 0:
-            hashed = ids.astype(np.uint64)
-            threshold = np.uint64(int(self.label_noise * 2.0**64))
-            noisy = _mix(hashed ^ _key(self.seed, _NOISE_PICK)) < threshold
-            shift = 1 + (_mix(hashed ^ _key(self.seed, _NOISE_CLASS)) % np.uint64(self.manifest.num_classes - 1))
-            # a uniformly drawn *other* class
-            labels = np.where(noisy, (labels + shift.astype(np.int64)) % self.manifest.num_classes, labels)
-        return labels
+        """Training labels of these samples (int64), label noise included (module doc)."""
+        if self._noisy_labels is not None:
+            return self._noisy_labels[ids]
+        return np.array([self._locate(i)[3] for i in ids.tolist()], dtype=np.int64)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, step = key
@@ -366,8 +399,8 @@ def make_loader(
 
     `batch_size` is per rank; batches arrive normalised on `device` (CPU when None).
     `num_classes`, when given, must equal the manifest's (the head is sized from it).
-    `label_noise` is the fraction of samples whose label is replaced by a different,
-    uniformly drawn class.
+    `label_noise` is the fraction of each class's samples whose label is replaced by a
+    uniformly drawn other class (`noisy_labels`: per class, fixed by the seed).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")

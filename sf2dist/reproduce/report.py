@@ -1,0 +1,377 @@
+"""The reproduction's tables and plots, from results.json, and their sections of docs/results.md.
+
+Every number of a row is over its final runs (one per seed, all evaluated on the test
+identities): the mean and the sample standard deviation (ddof 1) across seeds; "10-fold
+std" is the mean over seeds of each run's standard deviation across the 10 folds of the
+LFW protocol. Accuracy is the 10-fold accuracy on the first test pair set; TAR@FAR comes
+from the first IJB-style test benchmark (from the first pair set when there is none). A
+difference between a row and its reference counts only when it exceeds the seed spread,
+|Δ| > std(row) + std(reference); with one seed it cannot be told ("n/a").
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from matplotlib.figure import Figure
+
+from sf2dist.reproduce import paper
+from sf2dist.reproduce.plan import LOSSES, Experiment, Plan
+
+FARS = ("1e-03", "1e-04", "1e-05")
+RESULTS_HEADER = ("# Results: SphereFace2 against softmax\n\n"
+                  "Written by `launch/reproduce.py` (`make reproduce`); each section is rewritten by its experiment. "
+                  "The paper's claims and figures are beside each table, with their sources.\n")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation over seeds (std None with fewer than two values)."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+
+@dataclass(frozen=True)
+class RowSummary:
+    key: str  # "experiment/row"
+    label: str
+    setting: dict  # the chosen setting
+    val_score: float | None  # of the chosen setting at the first seed
+    seeds: tuple[int, ...]  # of the runs with test metrics
+    accuracy: Stat
+    fold_std: Stat
+    tar: dict[str, Stat]  # "1e-04" -> TAR over seeds
+
+
+def _primary(test: dict, kind: str) -> dict | None:
+    for metrics in test.values():
+        if metrics.get("kind") == kind:
+            return metrics
+    return None
+
+
+def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
+    """Every row's numbers over its final runs (module doc), from results.json's content."""
+    summaries = []
+    for row in experiment.rows:
+        key = f"{experiment.name}/{row.name}"
+        stored = results["rows"].get(key, {})
+        accuracy, fold_std, tar = [], [], {far: [] for far in FARS}
+        seeds = []
+        for run_id in stored.get("final_runs", []):
+            record = results["runs"].get(run_id) or {}
+            test = record.get("test")
+            if not test:
+                continue
+            pairs = _primary(test, "pairs")
+            templates = _primary(test, "ijb") or pairs
+            seeds.append(record["seed"])
+            if pairs is not None:
+                accuracy.append(pairs["accuracy"])
+                fold_std.append(pairs["accuracy_std"])
+            if templates is not None:
+                for far in FARS:
+                    value = templates.get("tar_at_far", {}).get(far)
+                    if value is not None:
+                        tar[far].append(value)
+        chosen_score = None
+        for candidate in stored.get("candidates", []):
+            if candidate["settings"] == stored.get("chosen"):
+                chosen_score = candidate["val_score"]
+        summaries.append(RowSummary(
+            key=key, label=row.label, setting=stored.get("setting") or {}, val_score=chosen_score,
+            seeds=tuple(seeds), accuracy=Stat(tuple(accuracy)), fold_std=Stat(tuple(fold_std)),
+            tar={far: Stat(tuple(values)) for far, values in tar.items()},
+        ))
+    return summaries
+
+
+# -- comparisons --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Difference:
+    delta: float | None
+    beyond_spread: bool | None  # None: not decidable (a value or a spread is missing)
+
+
+def difference(row: Stat, reference: Stat) -> Difference:
+    if row.mean is None or reference.mean is None:
+        return Difference(None, None)
+    delta = row.mean - reference.mean
+    if row.std is None or reference.std is None:
+        return Difference(delta, None)
+    return Difference(delta, abs(delta) > row.std + reference.std)
+
+
+def agreement(diff: Difference, expected: int | None) -> str:
+    """Whether our difference goes the paper's way: only a difference beyond the seed spread decides."""
+    if expected is None:
+        return "–"
+    if diff.beyond_spread is None:
+        return "n/a"
+    if not diff.beyond_spread:
+        return "not resolved (within spread)"
+    return "yes" if math.copysign(1, diff.delta) == expected else "**no** (reversed)"
+
+
+# -- formatting ---------------------------------------------------------------------------
+def percent(stat: Stat, digits: int = 2) -> str:
+    if stat.mean is None:
+        return "–"
+    text = f"{100 * stat.mean:.{digits}f}"
+    return text if stat.std is None else f"{text} ± {100 * stat.std:.{digits}f}"
+
+
+def delta_text(diff: Difference) -> str:
+    if diff.delta is None:
+        return "–"
+    verdict = {None: "n/a", True: "yes", False: "no"}[diff.beyond_spread]
+    return f"{100 * diff.delta:+.2f} ({verdict})"
+
+
+def setting_text(setting: dict, hide: Sequence[str] = ()) -> str:
+    shown = [f"{key.split('.', 1)[1]} {value:g}" if isinstance(value, float) else f"{key.split('.', 1)[1]} {value}"
+             for key, value in sorted(setting.items()) if key not in hide]
+    return ", ".join(shown) or "as the trainer config"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _tar_columns(summary: RowSummary) -> list[str]:
+    return [percent(summary.tar[far]) for far in FARS]
+
+
+def losses_table(summaries: list[RowSummary], experiment: Experiment) -> str:
+    by_name = {s.key.split("/", 1)[1]: s for s in summaries}
+    header = ["loss", "chosen on validation", "seeds", "accuracy % (10-fold)", "10-fold std",
+              *[f"TAR@{far} %" for far in FARS], "Δ accuracy vs reference (> seed spread?)",
+              "Δ TAR@1e-04 (> seed spread?)", "paper", "agrees"]
+    rows = []
+    for row in experiment.rows:
+        summary = by_name[row.name]
+        reference = by_name.get(row.reference) if row.reference else None
+        expected = paper.direction("losses", row.name)
+        if reference is None:
+            cells = ["reference", "–", "–" if expected is None else "above the rows below", "–"]
+        else:
+            accuracy = difference(summary.accuracy, reference.accuracy)
+            cells = [delta_text(accuracy), delta_text(difference(summary.tar["1e-04"], reference.tar["1e-04"])),
+                     {-1: f"below {row.reference}", 1: f"above {row.reference}"}.get(expected, "–"),
+                     agreement(accuracy, expected)]
+        rows.append([row.label, setting_text(summary.setting, hide=LOSSES[row.name]), str(len(summary.seeds)),
+                     percent(summary.accuracy), percent(summary.fold_std), *_tar_columns(summary), *cells])
+    return _table(header, rows)
+
+
+def ablation_table(summaries: list[RowSummary], experiment: Experiment) -> str:
+    by_name = {s.key.split("/", 1)[1]: s for s in summaries}
+    header = ["row", "setting (chosen on validation)", "seeds", "accuracy % (10-fold)", "10-fold std",
+              *[f"TAR@{far} %" for far in FARS], "against", "Δ accuracy (> seed spread?)", "paper", "agrees"]
+    rows = []
+    for row in experiment.rows:
+        summary = by_name[row.name]
+        expected = paper.direction("ablation", row.name)
+        if row.reference is None:
+            cells = ["–", "–", "–", "–"]
+        else:
+            accuracy = difference(summary.accuracy, by_name[row.reference].accuracy)
+            cells = [row.reference, delta_text(accuracy), {1: "higher", -1: "lower"}.get(expected, "–"),
+                     agreement(accuracy, expected)]
+        rows.append([row.label, setting_text(summary.setting, hide=("head.type",)), str(len(summary.seeds)),
+                     percent(summary.accuracy), percent(summary.fold_std), *_tar_columns(summary), *cells])
+    return _table(header, rows)
+
+
+def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
+    by_name = {s.key.split("/", 1)[1]: s for s in summaries}
+    groups: dict[str, list] = {}
+    for row in experiment.rows:
+        groups.setdefault(row.group, []).append(row)
+    losses = [row.label for row in next(iter(groups.values()))]
+    compared = [row for row in next(iter(groups.values())) if row.reference is not None]
+    reference_label = next((row.label for row in next(iter(groups.values())) if row.reference is None), None)
+    header = ["label noise", *[f"{loss} accuracy %" for loss in losses],
+              *[f"Δ {row.label} − {reference_label} (> seed spread?)" for row in compared], "paper", "agrees"]
+    lines = []
+    for group, rows in groups.items():
+        cells = [f"{100 * float(group):.0f} %", *[percent(by_name[row.name].accuracy) for row in rows]]
+        verdicts = []
+        for row in rows:
+            if row.reference is None:
+                continue
+            diff = difference(by_name[row.name].accuracy, by_name[row.reference].accuracy)
+            cells.append(delta_text(diff))
+            verdicts.append(agreement(diff, paper.direction("noise", row.name)))
+        expected = [paper.direction("noise", row.name) for row in rows if row.reference is not None]
+        claim = f"{reference_label} highest" if expected and all(e == -1 for e in expected) else "–"
+        lines.append([*cells, claim, "; ".join(verdicts) or "–"])
+    return _table(header, lines)
+
+
+TABLES = {"losses": losses_table, "ablation": ablation_table, "noise": noise_table}
+
+
+# -- plots --------------------------------------------------------------------------------
+def _bars(axes, labels: list[str], stats: list[Stat], ylabel: str) -> None:
+    means = [100 * s.mean if s.mean is not None else math.nan for s in stats]
+    errors = [100 * s.std if s.std is not None else 0.0 for s in stats]
+    axes.bar(range(len(labels)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+    axes.set_xticks(range(len(labels)))
+    axes.set_xticklabels(labels, rotation=30, ha="right")
+    axes.set_ylabel(ylabel)
+    finite = [m for m in means if not math.isnan(m)]
+    if finite:
+        spread = max(errors + [0.5])
+        axes.set_ylim(max(0.0, min(finite) - 4 * spread), min(100.0, max(finite) + 4 * spread))
+    else:
+        axes.text(0.5, 0.5, "not measurable on this set", ha="center", va="center", transform=axes.transAxes)
+        axes.set_yticks([])
+    axes.grid(True, axis="y", alpha=0.3)
+
+
+def plot(summaries: list[RowSummary], experiment: Experiment, path: str | os.PathLike) -> Path:
+    """The experiment's figure: accuracy (and TAR@1e-4) by row with seed error bars, or accuracy against noise."""
+    figure = Figure(figsize=(9.6, 4.4), layout="constrained")
+    if experiment.name == "noise":
+        axes = figure.add_subplot()
+        by_name = {s.key.split("/", 1)[1]: s for s in summaries}
+        losses = dict.fromkeys(row.label for row in experiment.rows)
+        for loss in losses:
+            rows = [row for row in experiment.rows if row.label == loss]
+            ratios = [100 * float(row.group) for row in rows]
+            stats = [by_name[row.name].accuracy for row in rows]
+            axes.errorbar(ratios, [100 * s.mean if s.mean is not None else math.nan for s in stats],
+                          yerr=[100 * s.std if s.std is not None else 0.0 for s in stats], marker="o", capsize=4,
+                          label=loss)
+        axes.set_xlabel("labels replaced by other identities (% of each class)")
+        axes.set_ylabel("test accuracy % (10-fold)")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    else:
+        labels = [s.key.split("/", 1)[1] for s in summaries]
+        _bars(figure.add_subplot(1, 2, 1), labels, [s.accuracy for s in summaries], "test accuracy % (10-fold)")
+        _bars(figure.add_subplot(1, 2, 2), labels, [s.tar["1e-04"] for s in summaries], "test TAR@FAR=1e-4 %")
+    figure.suptitle(f"{experiment.title}: mean ± std over seeds")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+# -- docs/results.md ----------------------------------------------------------------------
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def section(results: dict, experiment: Experiment, *, plot_link: str, command: str, machine: str) -> str:
+    """The markdown of one experiment's section (module doc for the numbers)."""
+    summaries = summarize(results, experiment)
+    invocations = results["experiments"].get(experiment.name, {}).get("invocations", [])
+    compute = 0.0
+    for summary_key in (f"{experiment.name}/{row.name}" for row in experiment.rows):
+        for run_id in results["rows"].get(summary_key, {}).get("final_runs", []):
+            record = results["runs"].get(run_id) or {}
+            compute += sum((record.get(step) or {}).get("seconds", 0.0) for step in ("train", "test_eval"))
+    seeds = sorted({seed for s in summaries for seed in s.seeds})
+    test = results["benchmarks"]["test"]
+    lines = [
+        f"### {experiment.title}",
+        "",
+        f"Command: `{command}`. Machine: {machine}.",
+    ]
+    if invocations:
+        last = invocations[-1]
+        lines.append(f"Wall time of the last invocation: {_minutes(last['wall_seconds'])} ({last['trained']} runs "
+                     f"trained, {last['tested']} evaluated on test, {len(last['failed'])} failed, {last['jobs']} at a "
+                     f"time); the final runs took {_minutes(compute)} of run time together.")
+    lines += [
+        "",
+        f"Test identities only: accuracy is the 10-fold accuracy on `{test[0]}`, TAR@FAR from "
+        f"`{next((p for p in test if not p.endswith('.bin')), test[0])}`; hyper-parameters were chosen on "
+        f"{', '.join(f'`{p}`' for p in results['benchmarks']['val'])} with seed {seeds[0] if seeds else '–'}. "
+        f"Mean ± std over seeds {', '.join(map(str, seeds)) or '–'} (sample std); a difference counts only when "
+        f"|Δ| exceeds the sum of the two rows' seed std (\"yes\" in the Δ columns), \"agrees\" compares such a "
+        f"difference with the paper's direction.",
+        "",
+        TABLES[experiment.name](summaries, experiment),
+        "",
+        f"![{experiment.title}]({plot_link})",
+        "",
+        f"Paper ({paper.SOURCE}): {paper.CLAIMS[experiment.name]}",
+    ]
+    quoted = paper.figures(experiment.name)
+    if quoted:
+        lines += ["", "Figures quoted from elsewhere (not yet checked against the paper):"]
+        lines += [f"- {f['what']}: {f['value']} ({f['source']})" for f in quoted]
+    return "\n".join(lines)
+
+
+def setup_section(plan: Plan, *, command: str, machine: str) -> str:
+    """What every experiment below ran on: the profile, the data, the seeds, how runs were launched."""
+    lines = ["### Set-up", "", f"Profile `{plan.name}` ({plan.path.name}; trainer config {plan.train_config.name}), "
+             f"last command `{command}`, machine: {machine}.", ""]
+    spec = plan.openset
+    if spec is not None:
+        genuine, impostor = spec.template_pair_counts
+        lines.append(
+            f"Data: the synthetic open-set benchmark of `sf2dist.data.openset` in `{plan.data_root}` "
+            f"(seed {spec.seed}, {spec.size}x{spec.size} images, jitter {spec.jitter:g}): {spec.train_identities:,} training identities x "
+            f"{spec.train_images} images; {spec.val_identities:,} validation and {spec.test_identities:,} test "
+            f"identities, disjoint, each set {spec.pairs:,} pairs in LFW's layout ({spec.folds} folds); "
+            f"{spec.test_identities * spec.templates_per_subject:,} test templates of {spec.images_per_template} "
+            f"images ({genuine:,} genuine and {impostor:,} impostor comparisons).")
+    else:
+        lines.append(f"Data: training `{plan.train}`; validation {', '.join(f'`{p}`' for p in plan.val)}; test "
+                     f"{', '.join(f'`{p}`' for p in plan.test)}.")
+    lines += ["", f"Seeds {', '.join(map(str, plan.seeds))} (the first chooses the hyper-parameters, on validation "
+                  f"only); each run {plan.nproc} rank(s) x {plan.threads} thread(s), {plan.jobs} run(s) at a time"
+                  + (f" on devices {', '.join(plan.devices)}" if plan.devices else "")
+                  + f". Grids: `{plan.path.name}`."]
+    return "\n".join(lines)
+
+
+def _docs_file(docs: str | os.PathLike) -> Path:
+    docs = Path(docs)
+    if not docs.exists():
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        docs.write_text(RESULTS_HEADER)
+    return docs
+
+
+def write_setup(plan: Plan, docs: str | os.PathLike, *, command: str, machine: str) -> Path:
+    from sf2dist.report import write_section
+
+    docs = _docs_file(docs)
+    write_section(docs, "reproduce-setup", setup_section(plan, command=command, machine=machine))
+    return docs
+
+
+def write_docs(results: dict, experiment: Experiment, docs: str | os.PathLike, *, command: str, machine: str) -> Path:
+    """Plot into docs' folder and (re)write the experiment's section of the docs file."""
+    from sf2dist.report import write_section
+
+    docs = _docs_file(docs)
+    image = f"{docs.stem}_{experiment.name}.png"
+    plot(summarize(results, experiment), experiment, docs.parent / image)
+    write_section(docs, f"reproduce-{experiment.name}",
+                  section(results, experiment, plot_link=image, command=command, machine=machine))
+    return docs

@@ -1,0 +1,270 @@
+"""launch/reproduce.py: selection on validation only, final runs on test, results.json, tables
+(mean ± std from known per-run numbers), plots, docs sections, resume, failures; and one real
+tiny training and test evaluation through the command line."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from sf2dist.reproduce import PlanError, Reproduction, build_experiments, load_plan, report
+from sf2dist.reproduce.plan import run_spec
+from sf2dist.reproduce.runner import SubprocessExecutor, choose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Test-set numbers per (head type, seed): SphereFace2 82.00 ± 2.83 %, CosFace 70.50 ± 0.71 %.
+TEST_ACCURACY = {("sphereface2", 0): 0.80, ("sphereface2", 1): 0.84, ("partial_fc", 0): 0.70, ("partial_fc", 1): 0.71}
+TEST_FOLD_STD = {0: 0.02, 1: 0.04}
+TEST_TAR_1E4 = {("sphereface2", 0): 0.5, ("sphereface2", 1): 0.6, ("partial_fc", 0): 0.3, ("partial_fc", 1): 0.3}
+
+
+class FakeTraining:
+    """Stands in for launch/train.py and sf2dist-eval: metrics are functions of the setting and seed.
+
+    Validation prefers SphereFace2 with m 0.2 and CosFace with m 0.1; the test numbers are the
+    tables above. Every call is recorded; `fail` names runs whose training fails once.
+    """
+
+    def __init__(self, plan, fail: tuple[str, ...] = ()):
+        self.plan, self.fail, self.calls = plan, set(fail), []
+
+    def head_type(self, settings: dict) -> str:
+        return settings.get("head.type", self.plan.base["head"]["type"])
+
+    def __call__(self, task, run_dir: Path, slot: int) -> dict:
+        settings, seed = task.run.settings, task.run.seed
+        self.calls.append(task)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fields: dict = {"run_dir": str(run_dir)}
+        if task.train:
+            if task.run.id in self.fail:
+                self.fail.discard(task.run.id)
+                return {**fields, "train": {"status": "failed", "error": "simulated crash"}}
+            (run_dir / "status.json").write_text(json.dumps({"state": "finished", "step": 3}))
+            m = settings.get("head.m", self.plan.base["head"]["m"])
+            score = 0.6 + m if self.head_type(settings) == "sphereface2" else 0.9 - m
+            fields["train"] = {"status": "finished", "seconds": 2.0}
+            fields["val"] = {"val": {"accuracy": score, "accuracy_std": 0.01}}
+        if task.test:
+            key = (self.head_type(settings), seed)
+            fields["test"] = {
+                "test": {"kind": "pairs", "accuracy": TEST_ACCURACY[key], "accuracy_std": TEST_FOLD_STD[seed],
+                         "tar_at_far": {"1e-03": 0.9}},
+                "test_templates": {"kind": "ijb", "tar_at_far": {"1e-03": 0.8, "1e-04": TEST_TAR_1E4[key],
+                                                                 "1e-05": None}},
+            }
+            fields["test_eval"] = {"status": "finished", "seconds": 1.0}
+        return fields
+
+
+@pytest.fixture
+def plan(tmp_path):
+    return load_plan("tiny", data_root=str(tmp_path / "data"))
+
+
+def reproduction(plan, out: Path, **fake_options) -> tuple[Reproduction, FakeTraining]:
+    fake = FakeTraining(plan, **fake_options)
+    return Reproduction(plan, build_experiments(plan, num_classes=8), out, execute=fake, log=lambda _: None), fake
+
+
+def test_hyper_parameters_are_chosen_on_validation_and_only_final_runs_see_the_test_set(plan, tmp_path):
+    repro, fake = reproduction(plan, tmp_path / "out")
+    outcome = repro.run("losses")
+    assert not outcome.failed and not outcome.undecided
+    rows = repro.store.data["rows"]
+    assert rows["losses/sphereface2-C"]["setting"]["head.m"] == 0.2  # validation 0.8 against 0.7
+    assert rows["losses/cosface"]["setting"]["head.m"] == 0.1  # validation 0.8 against 0.7
+    final = {run for row in rows.values() for run in row["final_runs"]}
+    candidates = [c["run"] for row in rows.values() for c in row["candidates"]]
+    assert len(candidates) == 4 and len(final) == 4  # 2 losses x 2 points; 2 losses x 2 seeds
+    tested = [task.run.id for task in fake.calls if task.test]
+    assert sorted(tested) == sorted(final)  # never a candidate that was not chosen
+    for key, row in rows.items():  # a row's test evaluations come after all of its selection runs
+        selection = [c["run"] for c in row["candidates"]]
+        last_selection = max(i for i, t in enumerate(fake.calls) if t.train and t.run.id in selection)
+        first_test = min(i for i, t in enumerate(fake.calls) if t.test and t.run.id in row["final_runs"])
+        assert last_selection < first_test, key
+    # every training evaluates the validation set and nothing else
+    executor = SubprocessExecutor(plan)
+    for run_id, record in repro.store.data["runs"].items():
+        command = " ".join(executor.train_command(run_spec(plan, record["settings"], record["seed"]), Path("r")))
+        assert f'eval.benchmarks=["{plan.val[0]}"]' in command and not any(path in command for path in plan.test)
+        assert record["config"]["eval"]["benchmarks"] == list(plan.val)
+    # the choice reads validation metrics only: better test numbers for a losing candidate change nothing
+    loser = next(c for c in rows["losses/sphereface2-C"]["candidates"] if c["settings"].get("head.m") != 0.2)
+    repro.store.data["runs"][loser["run"]]["test"] = {"test": {"kind": "pairs", "accuracy": 1.0, "accuracy_std": 0}}
+    assert repro.chosen("losses/sphereface2-C")["head.m"] == 0.2
+    assert choose([0.5, None, 0.7, 0.7]) == 2 and choose([None, None]) is None
+
+
+def test_results_json_and_tables_carry_mean_and_std_over_seeds(plan, tmp_path):
+    repro, _ = reproduction(plan, tmp_path / "out")
+    repro.run("losses")
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["format"] == "sf2dist-reproduce/1" and results["benchmarks"]["test"] == list(plan.test)
+    for record in results["runs"].values():
+        assert {"settings", "seed", "config", "run_dir", "train", "val"} <= set(record)
+        assert record["config"]["run"]["seed"] == record["seed"]
+    invocation = results["experiments"]["losses"]["invocations"][-1]
+    assert invocation["trained"] == 6 and invocation["tested"] == 4  # 4 selection runs + 2 more seeds; 4 final
+
+    summaries = {s.key: s for s in report.summarize(results, repro.experiments["losses"])}
+    sf2, cosface = summaries["losses/sphereface2-C"], summaries["losses/cosface"]
+    assert sf2.accuracy.values == (0.80, 0.84) and sf2.seeds == (0, 1)
+    assert sf2.accuracy.mean == pytest.approx(0.82) and sf2.accuracy.std == pytest.approx(statistics.stdev([0.8, 0.84]))
+    assert sf2.fold_std.mean == pytest.approx(0.03)
+    assert sf2.tar["1e-04"].mean == pytest.approx(0.55) and sf2.tar["1e-05"].n == 0
+    table = report.losses_table(list(summaries.values()), repro.experiments["losses"])
+    assert "| sphereface2-C | m 0.2 | 2 | 82.00 ± 2.83 | 3.00 ± 1.41 | 80.00 ± 0.00 | 55.00 ± 7.07 | – |" in table
+    # -11.50 points against a spread of 2.83 + 0.71: a difference, in the paper's direction
+    assert "| cosface | m 0.1, s 30 | 2 | 70.50 ± 0.71 |" in table
+    assert "-11.50 (yes)" in table and "-25.00 (yes)" in table and "below sphereface2-C | yes |" in table
+    diff = report.difference(cosface.accuracy, sf2.accuracy)
+    assert diff.delta == pytest.approx(-0.115) and diff.beyond_spread
+    within = report.difference(report.Stat((0.80, 0.83)), report.Stat((0.81, 0.84)))
+    assert within.beyond_spread is False and report.agreement(within, -1) == "not resolved (within spread)"
+    assert report.agreement(report.Difference(0.05, True), -1) == "**no** (reversed)"
+    assert report.difference(report.Stat((0.8,)), report.Stat((0.7,))).beyond_spread is None  # one seed
+
+
+def test_rerunning_skips_finished_runs_and_retrains_only_what_is_missing(plan, tmp_path):
+    first, _ = reproduction(plan, tmp_path / "out")
+    first.run("losses")
+    again, fake = reproduction(plan, tmp_path / "out")
+    outcome = again.run("losses")
+    assert fake.calls == [] and outcome.trained == 0
+    lost = again.store.data["rows"]["losses/cosface"]["final_runs"][1]
+    (Path(again.store.run(lost)["run_dir"]) / "status.json").unlink()  # as if the training never finished
+    third, fake = reproduction(plan, tmp_path / "out")
+    third.run("losses")
+    assert [(t.run.id, t.train, t.test) for t in fake.calls] == [(lost, True, True)]
+
+
+def test_a_failed_run_is_reported_kept_out_and_retried_by_the_next_invocation(plan, tmp_path):
+    cosface_m02 = run_spec(plan, {"head.type": "partial_fc", "head.margin": "cosface", "head.s": 30, "head.m": 0.2}, 0)
+    repro, _ = reproduction(plan, tmp_path / "out", fail=(cosface_m02.id,))
+    outcome = repro.run("losses")
+    assert outcome.failed == [cosface_m02.id] and not outcome.undecided  # chosen among the candidates that trained
+    assert repro.store.run(cosface_m02.id)["train"]["error"] == "simulated crash"
+    retry, fake = reproduction(plan, tmp_path / "out")
+    retry.run("losses")
+    assert [t.run.id for t in fake.calls] == [cosface_m02.id]
+
+
+def test_ablation_rows_build_on_each_other_and_noise_reuses_the_loss_runs(plan, tmp_path):
+    repro, fake = reproduction(plan, tmp_path / "out")
+    repro.run("losses")
+    repro.run("ablation")
+    rows = repro.store.data["rows"]
+    assert rows["ablation/naive"]["setting"] == {"head.type": "sphereface2", "head.margin": "C", "head.alpha": 0.5,
+                                                 "head.r": 1.0, "head.m": 0.0, "head.t": 1.0}
+    assert rows["ablation/balance"]["setting"]["head.alpha"] == pytest.approx(7 / 8)  # (K - 1) / K, K = 8
+    assert rows["ablation/adjustment"]["setting"] == {"head.type": "sphereface2", "head.margin": "C",
+                                                      "head.alpha": 0.7, "head.r": 30, "head.m": 0.1, "head.t": 3}
+    fake.calls.clear()
+    repro.run("noise")
+    trained = {t.run.id for t in fake.calls if t.train}
+    assert len(trained) == 4  # 2 losses x 2 seeds at ratio 0.5; ratio 0 is the losses experiment's runs
+    assert all(repro.store.run(run)["settings"]["data.label_noise"] == 0.5 for run in trained)
+    for loss in ("sphereface2-C", "cosface"):
+        assert rows[f"noise/{loss}@0"]["final_runs"] == rows[f"losses/{loss}"]["final_runs"]
+    table = report.noise_table(report.summarize(repro.store.data, repro.experiments["noise"]),
+                               repro.experiments["noise"])
+    assert "| 0 % | 82.00 ± 2.83 | 70.50 ± 0.71 | -11.50 (yes) | sphereface2-C highest | yes |" in table
+
+
+def test_plots_and_docs_sections(plan, tmp_path):
+    repro, _ = reproduction(plan, tmp_path / "out")
+    docs = tmp_path / "docs" / "results.md"
+    for name in ("losses", "ablation", "noise"):
+        repro.run(name)
+        for _ in range(2):  # rewriting a section replaces it
+            report.write_docs(repro.store.data, repro.experiments[name], docs, command="make reproduce",
+                              machine="test machine")
+        assert (docs.parent / f"results_{name}.png").stat().st_size > 10_000
+        assert report.plot(report.summarize(repro.store.data, repro.experiments[name]), repro.experiments[name],
+                           tmp_path / f"{name}.png").exists()
+    text = docs.read_text()
+    for name in ("losses", "ablation", "noise"):
+        assert text.count(f"<!-- reproduce-{name}:begin -->") == 1
+        assert f"![" in text and f"results_{name}.png" in text
+    assert "Command: `make reproduce`. Machine: test machine." in text
+    assert "arXiv:2108.01513" in text and "not yet checked against the paper" in text
+    report.write_setup(plan, docs, command="make reproduce", machine="test machine")
+    setup = docs.read_text().split("<!-- reproduce-setup:begin -->")[1]
+    assert "8 training identities x 4 images" in setup and "24 impostor comparisons" in setup
+    assert "Seeds 0, 1 (the first chooses the hyper-parameters, on validation only)" in setup
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda p: p["losses"].update({"cosface": [{"head.m": 0.1}]}), "same size"),
+    (lambda p: p["losses"].update({"circleloss": p["losses"]["cosface"]}), "unknown"),
+    (lambda p: p["noise"].update({"losses": ["arcface"]}), "no grid under losses"),
+    (lambda p: p["ablation"].pop("mining"), "ablation needs exactly"),
+    (lambda p: p.update({"data": {"train": "t", "val": ["a.bin"], "test": ["a.bin"]}}), "both a validation and a test"),
+    (lambda p: p.update({"colour": "blue"}), "unknown keys"),
+])
+def test_plan_errors_name_the_problem(tmp_path, edit, message):
+    import yaml
+
+    source = ROOT / "configs" / "reproduce" / "tiny.yaml"
+    raw = yaml.safe_load(source.read_text())
+    raw["train_config"] = str(ROOT / "configs" / "reproduce" / "tiny_train.yaml")
+    edit(raw)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(PlanError, match=message):
+        load_plan(str(path))
+
+
+def test_a_bad_setting_fails_before_any_training(plan, tmp_path):
+    import dataclasses
+
+    broken = dataclasses.replace(plan, losses={**plan.losses, "cosface": ({"head.s": -1.0}, {"head.s": 30.0})})
+    repro = Reproduction(broken, build_experiments(broken, 8), tmp_path / "out", execute=FakeTraining(broken),
+                         log=lambda _: None)
+    with pytest.raises(PlanError, match="head.s: must be positive"):
+        repro.run("losses")
+    assert repro.store.data["runs"] == {}
+
+
+def test_real_tiny_training_and_test_evaluation_through_the_command_line(tmp_path, capsys):
+    """One real run: launch/train.py (3 steps) and sf2dist-eval in subprocesses, then a rerun that skips it."""
+    import importlib.util
+
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "reproduce" / "tiny.yaml").read_text())
+    raw.update(train_config=str(ROOT / "configs" / "reproduce" / "tiny_train.yaml"), seeds=[0],
+               losses={"sphereface2-C": [{"head.m": 0.1}]}, noise={"losses": ["sphereface2-C"], "ratios": [0.0]})
+    raw["data"]["openset"]["out"] = str(tmp_path / "data")
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(raw))
+    spec = importlib.util.spec_from_file_location("reproduce_cli", ROOT / "launch" / "reproduce.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = ["--profile", str(plan_path), "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "results.md")]
+
+    assert cli.main([*args, "--experiment", "losses"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (run_id,) = results["runs"]
+    record = results["runs"][run_id]
+    run_dir = Path(record["run_dir"])
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert set(record["val"]) == {"val"} and 0.0 <= record["val"]["val"]["accuracy"] <= 1.0
+    assert set(record["test"]) == {"test", "test_templates"}
+    assert record["test"]["test_templates"]["num_templates"] == 8
+    trained_config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert trained_config["eval"]["benchmarks"] == [str(tmp_path / "data" / "val.bin")]  # never the test set
+    docs = (tmp_path / "results.md").read_text()
+    assert "<!-- reproduce-setup:begin -->" in docs and "<!-- reproduce-losses:begin -->" in docs
+
+    # rerun, and the noise experiment at ratio 0: the same training, nothing to run
+    assert cli.main([*args, "--experiment", "noise"]) == 0
+    assert cli.main([*args, "--experiment", "losses"]) == 0
+    assert (run_dir / "reproduce-train.log").read_text().count("\n# ") == 1
+    assert (run_dir / "reproduce-test.log").read_text().count("\n# ") == 1
+    assert "0 trained, 0 tested" in capsys.readouterr().out
