@@ -3,51 +3,103 @@
     torchrun --nproc_per_node=8 launch/train.py --config configs/ms1mv3_r100_sf2.yaml
     torchrun --nproc_per_node=2 launch/train.py --config configs/demo_cpu.yaml --set run.epochs=2
     srun ... launch/train.py ...          (see launch/slurm/train.sbatch)
+    python launch/train.py --config configs/demo_cpu.yaml --print-config   (check, do not train)
 
-Several --config files compose (later wins); --set section.key=value overrides any key.
-A run directory that already holds checkpoints resumes from the newest (run.resume).
+Several --config files compose (later wins); --set section.key=value overrides any key. Every
+key, with its type, default and meaning, is listed in docs/config.md.
+A run directory that already holds checkpoints resumes from the newest (run.resume); a resume
+that changes a setting other than the resume-safe ones (run.max_steps, run.epochs, logging,
+evaluation, ...: docs/config.md) is refused unless --allow-config-change names it.
 SIGTERM or SIGUSR1, from the first moment: every rank finishes its step, a checkpoint is
 written, status.json says "preempted" and the process exits with status 75.
+
+Exit status, of each rank (torchrun itself exits 1 when any rank fails):
+  0   done (trained to the end, or nothing left to train; --print-config: the config and data are sound)
+  1   failed after training started: an evaluation that failed (its step is checkpointed), too many
+      non-finite steps, a collective time-out; the newest checkpoint resumes the run. Also any
+      unexpected error (with a traceback: please report it)
+  2   config, data or checkpoint error, found before the first step; the message says what to change
+  75  preempted (stop signal): checkpoint written, rerun the same command to resume
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+import traceback
 
 from sf2dist import stop
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML config file; repeatable, later files win (default: none, every key at its "
+                             "default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key after the files, e.g. --set optim.lr=0.05; repeatable "
+                             "(default: none)")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY[,KEY...]",
+                        help="let a resume change these keys from the checkpoint's config, e.g. "
+                             "--allow-config-change data.batch_size; repeatable or comma-separated (default: none; "
+                             "the resume-safe keys of docs/config.md need no permission)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and the start-up summary as YAML, check the data, every "
+                             "benchmark and the run directory's checkpoint, and exit without training: status 0 if "
+                             "all is sound, 2 with the problem otherwise (default: off, train)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     stop.install()  # before the imports below: a stop request while the job starts is not lost
     from sf2dist import parallel
-    from sf2dist.config import ConfigError, load_config
+    from sf2dist.config import ConfigError, check_keys, resolve_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        resolved = resolve_config(args.config, args.overrides)
+        allowed = check_keys(args.allow_config_change, "--allow-config-change")
     except ConfigError as err:
         print(f"train.py: config error: {err}", file=sys.stderr)
         return 2
+    cfg = resolved.config
+    info = parallel.discover()
+    if cfg.engine.type == "deepspeed" and info.source == "single" and not args.print_config:
+        given = shlex.join(sys.argv[1:] if argv is None else argv)
+        print(f"train.py: engine.type deepspeed needs a process group, even on one GPU, and this process was "
+              f"started without torchrun or srun. Start it with torchrun:\n"
+              f"  torchrun --nproc_per_node=NUM_GPUS launch/train.py {given}\n"
+              f"or train without DeepSpeed: --set engine.type=ddp", file=sys.stderr)
+        return 2
 
-    from sf2dist.train import Trainer  # torch and the rest load after the config is known to be sound
-    from sf2dist.train.trainer import headline
+    # torch and the rest load after the config is known to be sound
+    from sf2dist.train import Trainer
+    from sf2dist.train.trainer import BadStepsError, EvaluationError, check_backbone, headline
 
     try:
-        trainer = Trainer(cfg)
+        check_backbone(cfg, resolved.sources)
+    except ConfigError as err:
+        print(f"train.py: config error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        return _print_config(resolved, allowed, info.rank)
+    try:
+        trainer = Trainer(cfg, allow_config_change=allowed, warnings=resolved.warnings)
         summary = trainer.run()
     except ValueError as err:  # bad data, labels, checkpoints: the message says what and where
-        print(f"train.py (rank {parallel.discover().rank}): {err}", file=sys.stderr, flush=True)
+        print(f"train.py (rank {info.rank}): {err}", file=sys.stderr, flush=True)
         return 2
+    except (EvaluationError, BadStepsError) as err:
+        print(f"train.py (rank {info.rank}): {err}", file=sys.stderr, flush=True)
+        if err.__cause__ is not None:  # what failed inside the evaluation, for a bug report
+            traceback.print_exception(err.__cause__, file=sys.stderr)
+        return 1
     except RuntimeError as err:
         if not any(words in str(err).lower() for words in ("timed out", "timeout")):
             raise
         # gloo's words ("Timed out waiting ...", "Application timeout caused pair closure");
         # NCCL's watchdog ends the process itself after the same time-out
-        print(f"train.py (rank {parallel.discover().rank}): a collective waited longer than run.timeout_s="
+        print(f"train.py (rank {info.rank}): a collective waited longer than run.timeout_s="
               f"{cfg.run.timeout_s:g} s: another rank is stuck or dead. Training stops here; the newest checkpoint "
               f"in {cfg.run.dir}/checkpoints resumes it. ({err})", file=sys.stderr, flush=True)
         return 1
@@ -62,6 +114,26 @@ def main(argv: list[str] | None = None) -> int:
         if "plot" in summary:
             print(f"plot: {summary['plot']}")
         print(f"run directory: {cfg.run.dir} ({summary['step']} steps, {summary['skipped_steps']} skipped)")
+    return 0
+
+
+def _print_config(resolved, allowed: list[str], rank: int) -> int:
+    """--print-config: the resolved config on stdout as YAML, the summary as YAML comments after it."""
+    import yaml
+
+    from sf2dist.config import config_to_dict
+    from sf2dist.train.trainer import check_run
+
+    if rank != 0:  # under a launcher every rank would print the same
+        return 0
+    print(yaml.safe_dump(config_to_dict(resolved.config), sort_keys=False), end="", flush=True)
+    try:
+        lines = check_run(resolved.config, allowed, resolved.warnings)
+    except ValueError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    print("# checked: the data, every benchmark and the run directory; nothing was trained")
+    print("\n".join(f"# {line}" for line in lines))
     return 0
 
 

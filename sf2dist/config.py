@@ -8,10 +8,15 @@ This module does not import torch: reading a config must be cheap and must work 
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import inspect
+import io
 import math
 import re
+import sys
+import tokenize
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -35,48 +40,65 @@ def _choices(*values: Any) -> dict[str, tuple[Any, ...]]:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"  # run directory: config.yaml, metrics.csv, checkpoints/, plots
-    seed: int = 0
-    epochs: int = 1
+    """Where the run lives, how long it trains, how often it logs, evaluates and saves."""
+
+    dir: str = "runs/default"  # run directory: config.yaml, metrics.csv, eval.csv, status.json, checkpoints/, plots
+    seed: int = 0  # initial weights, data order, flips and label noise follow it
+    epochs: int = 1  # passes over the training set (unless run.max_steps is set)
     max_steps: int | None = None  # optimizer steps; when set, training stops there (may cut an epoch)
-    log_every: int = 10  # steps between metric rows / progress-bar updates
+    log_every: int = 10  # steps between metric rows / progress-bar updates (plain lines with logging.progress false)
     eval_every: int = 0  # steps between verification evals; 0 = only at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 3
-    resume: bool = True  # continue from the run dir's newest checkpoint if there is one
-    timeout_s: int = 1800  # collective time-out
+    keep_checkpoints: int = 3  # the newest this many checkpoints are kept, older ones deleted
+    # true: continue from the run directory's newest checkpoint if there is one (keys not marked
+    # resume-free must match its config, or be named by --allow-config-change); false: start a new run,
+    # refused if the directory already holds checkpoints (use another run.dir)
+    resume: bool = True
+    timeout_s: int = 1800  # collective time-out: how long a rank waits for a stuck or dead peer
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
 
 
 @dataclass
 class DataConfig:
+    """The training shards and how they are batched."""
+
     train: str = ""  # shard directory (with manifest.json); required by the trainer
-    num_classes: int | None = None  # if set, must match the manifest
-    batch_size: int = 128  # images per rank per micro-batch
-    num_workers: int = 4
-    label_noise: float = 0.0  # in [0, 1)
-    flip: bool = True
+    num_classes: int | None = None  # if set, must match the manifest (null: taken from it)
+    batch_size: int = 128  # images per rank per micro-batch (global batch: ranks x this x optim.accumulation_steps)
+    num_workers: int = 4  # decoding processes per rank (0: decode in the training process)
+    # fraction of each class's labels replaced by other classes on purpose (noise experiments), in [0, 1):
+    # exactly round(p n_c) per class, fixed by run.seed, the same in every epoch and on any number of ranks
+    label_noise: float = 0.0
+    flip: bool = True  # random horizontal flips
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "iresnet50"
-    embedding_dim: int = 512
-    kwargs: dict = field(default_factory=dict)  # extra backbone constructor arguments
+    """The replicated backbone."""
+
+    backbone: str = "iresnet50"  # a registered backbone: iresnet18/50/100, sfnet4/20/36/64, mobilefacenet, smallcnn
+    embedding_dim: int = 512  # width of the embedding the head classifies
+    # extra backbone constructor arguments, checked against the backbone's own (e.g. smallcnn: width,
+    # input_pool; sfnet: norm); embedding_dim and input_size are set by sf2dist
+    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
 class HeadConfig:
-    type: str = field(default="sphereface2", metadata=_choices("sphereface2", "partial_fc"))
+    """The identity-sharded classifier and its loss."""
+
+    type: str = field(default="sphereface2", metadata=_choices("sphereface2", "partial_fc"))  # the loss family
     # sphereface2: C|A|M (default C); partial_fc: cosface|arcface|sphereface (default cosface; sphereface is
     # A-Softmax, the true class's logit s psi(theta), psi = (-1)^k cos(m theta) - 2k, k = floor(m theta / pi))
     margin: str | None = None
-    m: float | None = None  # None = the head's default (partial_fc: cosface 0.4, arcface 0.5, sphereface 1.5; >= 1)
-    alpha: float = 0.7  # sphereface2 lambda
-    r: float = 40.0
-    t: float = 3.0
-    loss_weight: float = 10.0
-    s: float | None = None  # partial_fc scale; None = the margin's default (cosface/arcface 64, sphereface 30)
+    # margin size; null = the head's default (sphereface2 0.4; partial_fc: cosface 0.4, arcface 0.5,
+    # sphereface 1.5, which needs m >= 1)
+    m: float | None = None
+    alpha: float = 0.7  # sphereface2 only: lambda, the weight of the positive term
+    r: float = 40.0  # sphereface2 only: the hypersphere radius (scale of the logits)
+    t: float = 3.0  # sphereface2 only: the similarity adjustment g(z) = 2((z+1)/2)^t - 1
+    loss_weight: float = 10.0  # sphereface2 only: the loss is multiplied by it
+    s: float | None = None  # partial_fc only: logit scale; null = the margin's (cosface, arcface 64; sphereface 30)
     # partial_fc with margin sphereface: "s" normalises the features and scales every logit by s (the default,
     # the variant the SphereFace2 paper compares against); "norm" is the original A-Softmax (SphereFace, 2017):
     # features keep their norm, class j's logit is |x| cos theta_j and the target is the annealed blend
@@ -85,10 +107,10 @@ class HeadConfig:
     # A-Softmax's lambda at the trainer's step t (resumed with it), feature_scale norm only:
     # lambda = max(lambda_min, lambda_base * (1 + lambda_gamma * t) ** -lambda_power)
     lambda_base: float = 1000.0
-    lambda_gamma: float = 0.12
-    lambda_power: float = 1.0
-    lambda_min: float = 5.0
-    sample_rate: float = 1.0  # in (0, 1]
+    lambda_gamma: float = 0.12  # see head.lambda_base
+    lambda_power: float = 1.0  # see head.lambda_base
+    lambda_min: float = 5.0  # see head.lambda_base
+    sample_rate: float = 1.0  # fraction of each shard's classes in a step's loss, in (0, 1]; batch classes always are
     # sphereface2: "fused" steps the class rows inside the head's forward, chunk by chunk, so the
     # [C, D] weight gradient never exists (SGD only, no accumulation; the rows are left out of
     # gradient clipping); "separate" runs the head's optimizer after the backward
@@ -100,26 +122,30 @@ class HeadConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = field(default="sgd", metadata=_choices("sgd", "adamw"))
-    lr: float = 0.1
-    head_lr: float | None = None  # None = lr
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
-    schedule: str = field(default="poly", metadata=_choices("poly", "step", "constant"))
+    """Optimisers of backbone and head, and the learning-rate schedule they share."""
+
+    name: str = field(default="sgd", metadata=_choices("sgd", "adamw"))  # the optimiser of backbone and head
+    lr: float = 0.1  # base learning rate of the backbone (and of the head unless optim.head_lr is set)
+    head_lr: float | None = None  # base learning rate of the head; null = optim.lr
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # on every weight except the SphereFace2 bias
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over these steps
+    schedule: str = field(default="poly", metadata=_choices("poly", "step", "constant"))  # decay after warm-up
     power: float = 2.0  # poly decay exponent
     milestones: list[int] = field(default_factory=list)  # step decay points (optimizer steps)
-    gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    accumulation_steps: int = 1
+    gamma: float = 0.1  # step schedule: the learning rate is multiplied by it at each milestone
+    clip_grad_norm: float | None = None  # clip the global gradient norm (backbone and head) to this; null = no clipping
+    accumulation_steps: int = 1  # micro-batches per optimizer step
 
 
 @dataclass
 class EngineConfig:
-    type: str = field(default="ddp", metadata=_choices("ddp", "deepspeed"))
+    """How the backbone is replicated, on which device, in which precision."""
+
+    type: str = field(default="ddp", metadata=_choices("ddp", "deepspeed"))  # deepspeed: start with torchrun
     zero_stage: int = field(default=1, metadata=_choices(1, 2))  # deepspeed only
-    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
-    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))  # autocast dtype; fp16 CUDA only
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda"))  # auto: CUDA when there is one
     # CUDA: false lets cuDNN time and pick its fastest kernels (cudnn.benchmark); true asks torch
     # for deterministic kernels instead (slower), for bitwise resume on a GPU
     deterministic: bool = False
@@ -127,8 +153,12 @@ class EngineConfig:
 
 @dataclass
 class EvalConfig:
-    benchmarks: list[str] = field(default_factory=list)  # verification pair files (.bin)
-    batch_size: int = 256
+    """Verification during training."""
+
+    # verification pair sets (.bin or pair lists) or IJB-style directories; each is read and checked
+    # before the first step
+    benchmarks: list[str] = field(default_factory=list)
+    batch_size: int = 256  # images per rank per forward
     # sum: f(x) + f(flip x) (default); concat: [f(x), f(flip x)], twice the width, as in the
     # SphereFace LFW protocol; none: f(x)
     flip: str = field(default="sum", metadata=_choices("sum", "concat", "none"))
@@ -136,10 +166,12 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))
-    wandb_project: str = "sf2dist"
-    wandb_entity: str | None = None
-    progress: bool = True
+    """Where metrics go besides metrics.csv and eval.csv."""
+
+    wandb_mode: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))  # wandb's mode
+    wandb_project: str = "sf2dist"  # wandb project
+    wandb_entity: str | None = None  # wandb team or user; null = wandb's default
+    progress: bool = True  # a progress bar; false: a plain line every run.log_every steps (for SLURM logs)
 
 
 @dataclass
@@ -264,6 +296,27 @@ def _merge(base: dict, update: Mapping) -> dict:
     return merged
 
 
+def _yaml_error(source: str, exc: yaml.YAMLError) -> str:
+    """'FILE, line L, column C: not valid YAML: problem (context)' and the line with a caret under the spot."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:  # a YAMLError without a position (rare: a reader error on the whole stream)
+        return f"{source}: not valid YAML: {exc}"
+    at_end = mark.buffer is not None and not mark.buffer[mark.pointer:].strip("\0 \n")
+    where = f"line {mark.line + 1}, column {mark.column + 1}" + (" (the end of the file)" if at_end else "")
+    text = f"{source}, {where}: not valid YAML: {exc.problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        text += f" ({context})"
+    snippet = mark.get_snippet(indent=4, max_length=100)
+    if context_mark is not None and (not snippet or not snippet.split("\n")[0].strip()):
+        snippet = context_mark.get_snippet(indent=4, max_length=100)  # the end of the file: show where it began
+    if "\t" in str(exc.problem or "") or "\t" in (snippet or ""):
+        text += "; YAML indents with spaces, not tabs"
+    return text + (f"\n{snippet}" if snippet else "")
+
+
 def _read_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """(mapping, source) for each file in the order they apply: a file's includes, then itself."""
     resolved = path.resolve()
@@ -280,7 +333,7 @@ def _read_layers(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[dict, s
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(_yaml_error(str(path), exc)) from None
     data = {} if data is None else data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of sections "
@@ -304,11 +357,16 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"malformed override {text!r} (from --set): expected section.key=value, "
                           f"e.g. optim.lr=0.05")
+    field_tp = _FIELDS.get(parts[0], {}).get(parts[1], (None,))[0]
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{dotted}: value {raw!r} is not valid YAML (from {source}): {exc}") from None
-    field_tp = _FIELDS.get(parts[0], {}).get(parts[1], (None,))[0]
+        if len(parts) == 2 and field_tp in (str, str | None):
+            return parts, raw.strip()  # a text field takes the text (`run.dir=runs/a: b`)
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at character {mark.column + 1}" if mark is not None and mark.line == 0 else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{dotted}: value {raw!r} is not valid YAML (from {source}): {problem}{where}") from None
     scalar = isinstance(value, (bool, int, float)) or (value is None and field_tp is str)
     if len(parts) == 2 and field_tp in (str, str | None) and scalar:
         # `run.dir=2024`, `data.train=on` or `data.train=` mean the text, not a YAML number, bool or null.
@@ -325,7 +383,16 @@ def _set_nested(mapping: dict, keys: list[str], value: Any) -> dict:
     return updated
 
 
-def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+@dataclass
+class ResolvedConfig:
+    """A loaded config with where each key came from and what looks like a mistake but is allowed."""
+
+    config: Config
+    sources: dict[str, str]  # dotted key -> the file or `--set` that set it last; absent: the default
+    warnings: list[str]  # keys that have no effect or mean something else than where they were set
+
+
+def resolve_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> ResolvedConfig:
     """Defaults, then each YAML file in order, then each `section.key=value` override; validated.
 
     An override of a nested key (`model.kwargs.dropout=0.1`) sets that one entry; an override
@@ -333,11 +400,19 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     """
     merged: dict[str, dict[str, Any]] = {}
     sources: dict[str, str] = {}
+    head_type_when_set: dict[str, str] = {}  # head key -> head.type in force in the layer that set it
+
+    def record(section: str, keys: Sequence[str], source: str) -> None:
+        sources.update({f"{section}.{key}": source for key in keys})
+        if section == "head":
+            head_type = merged.get("head", {}).get("type", HeadConfig.type)
+            head_type_when_set.update({key: head_type for key in keys})
+
     for path in paths:
         for layer, source in _read_layers(Path(path)):
             for section, values in _check_layer(layer, source).items():
                 merged[section] = _merge(merged.get(section, {}), values)
-                sources.update({f"{section}.{key}": source for key in values})
+                record(section, list(values), source)
     for text in overrides:
         source = f"--set {text}"
         (section, key, *subkeys), value = _parse_override(text)
@@ -349,10 +424,54 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             value = _set_nested(current, subkeys, value)
         checked = _check_layer({section: {key: value}}, source)
         merged.setdefault(section, {})[key] = checked[section][key]  # replaced, not merged
-        sources[f"{section}.{key}"] = source
+        record(section, [key], source)
+    # The --set options are one layer, whatever their order: `--set head.m=0.3 --set head.type=partial_fc`
+    # sets m for partial_fc.
+    final_head_type = merged.get("head", {}).get("type", HeadConfig.type)
+    for text in overrides:
+        section, key = _parse_override(text)[0][:2]
+        if section == "head":
+            head_type_when_set[key] = final_head_type
     cfg = Config(**{name: cls(**merged.get(name, {})) for name, cls in SECTIONS.items()})
     validate(cfg, sources)
-    return cfg
+    return ResolvedConfig(cfg, sources, _head_warnings(cfg.head, sources, head_type_when_set))
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """The config of `resolve_config(paths, overrides)`."""
+    return resolve_config(paths, overrides).config
+
+
+# The keys each head reads besides head.type, head.margin, head.m and head.sample_rate, which both read.
+HEAD_ONLY_KEYS = {
+    "sphereface2": ("alpha", "r", "t", "loss_weight", "step", "storage"),
+    "partial_fc": ("s", "feature_scale", "lambda_base", "lambda_gamma", "lambda_power", "lambda_min"),
+}
+
+
+def _head_warnings(head: HeadConfig, sources: Mapping[str, str], head_type_when_set: Mapping[str, str]) -> list[str]:
+    """Head keys set in a file or --set that the chosen head ignores, or that were meant for another head.
+
+    Defaults are never reported: only what the user wrote can be a mistake.
+    """
+    warnings = []
+    for other, keys in HEAD_ONLY_KEYS.items():
+        if other == head.type:
+            continue
+        for key in keys:
+            if f"head.{key}" in sources:
+                warnings.append(f"head.{key}={getattr(head, key)} (from {sources[f'head.{key}']}) is not used: it is a "
+                                f"{other} setting and head.type is {head.type}; remove it")
+    for key in ("margin", "m"):  # both heads read them, each with its own meaning and default
+        meant_for = head_type_when_set.get(key)
+        if meant_for is not None and meant_for != head.type and getattr(head, key) is not None:
+            warnings.append(
+                f"head.{key}={getattr(head, key)} (from {sources[f'head.{key}']}) was set for head.type {meant_for}, "
+                f"but head.type is {head.type} (from {sources.get('head.type', 'the default')}), which reads it as "
+                f"its own {'margin' if key == 'margin' else 'margin size'}; set head.{key} for {head.type} as well, "
+                f"or head.{key}=null for {head.type}'s default"
+            )
+    return warnings
 
 
 def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
@@ -463,8 +582,162 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML that `load_config([path])` reads back to an equal Config."""
+def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
+    """Write the resolved config as YAML that `load_config([path])` reads back to an equal Config.
+
+    `comment`, if given, heads the file as YAML comment lines.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    header = "".join(f"# {line}\n" if not line.startswith("#") else f"{line}\n" for line in comment.splitlines())
+    path.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# -- resuming with another config ---------------------------------------------------------------
+# Keys that may differ from the checkpoint's config when a run resumes, without asking: where the
+# run lives and ends, how often it logs, evaluates and saves, how it waits, decodes and reports.
+# None of them changes what a step computes. (run.epochs and run.max_steps move the end of the
+# run, so a poly schedule's remaining decay follows the new end from the resumed step on.)
+# Every other key changes the model, the loss, the data, its order or the optimiser of the
+# remaining steps: the trainer refuses a resume that changes one unless `--allow-config-change`
+# names it. A `section.*` entry covers every key of the section.
+RESUME_SAFE_KEYS = (
+    "run.dir", "run.resume", "run.epochs", "run.max_steps", "run.log_every", "run.eval_every",
+    "run.checkpoint_every", "run.keep_checkpoints", "run.timeout_s", "run.max_bad_steps",
+    "data.num_workers", "eval.*", "logging.*",
+)
+# Where the run is and how it was started: not a setting of its steps, so not recorded as a change.
+_INVOCATION_KEYS = ("run.dir", "run.resume")
+
+
+def config_keys() -> list[str]:
+    """Every dotted key, `section.key`, in declaration order."""
+    return [f"{section}.{key}" for section, fields in _FIELDS.items() for key in fields]
+
+
+def resume_safe(key: str) -> bool:
+    """Whether `key` may change on resume without `--allow-config-change` (see RESUME_SAFE_KEYS)."""
+    return key in RESUME_SAFE_KEYS or f"{key.split('.')[0]}.*" in RESUME_SAFE_KEYS
+
+
+def check_keys(keys: Sequence[str], option: str) -> list[str]:
+    """`keys` (dotted, or comma lists of them) split and checked against the config's keys, else ConfigError."""
+    known = config_keys()
+    found = [key.strip() for item in keys for key in item.split(",") if key.strip()]
+    for key in found:
+        if key not in known:
+            raise ConfigError(f"{option} {key}: not a config key; {_suggest(key, known)}")
+    return found
+
+
+@dataclass(frozen=True)
+class Change:
+    """One key whose value differs between a checkpoint's config and this run's."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {_show(self.old)} -> {_show(self.new)}"
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in YAML flow style: 0.1, null, [a, b], {input_pool: 2}."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip()
+    return text.removesuffix("...").strip()
+
+
+def config_changes(saved: Mapping[str, Any], cfg: Config) -> list[Change]:
+    """The keys whose value in `cfg` differs from `saved` (a checkpoint's `config_to_dict`), in key order.
+
+    A key missing from `saved` (a field added since it was written) counts as its default then.
+    Keys of `saved` that no longer exist are left out. Where the run is and how it was started
+    (run.dir, run.resume) are not settings of its steps and are never reported.
+    """
+    now, defaults = config_to_dict(cfg), config_to_dict(Config())
+    changes = []
+    for section, fields in _FIELDS.items():
+        old_section = saved.get(section) or {}
+        default = defaults[section]
+        for key in fields:
+            dotted = f"{section}.{key}"
+            old = old_section.get(key, default[key]) if isinstance(old_section, Mapping) else default[key]
+            if dotted not in _INVOCATION_KEYS and old != now[section][key]:
+                changes.append(Change(dotted, old, now[section][key]))
+    return changes
+
+
+# -- docs/config.md ---------------------------------------------------------------------------------
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's description: the comment lines right above it and the comment after it, joined."""
+    lines, _ = inspect.getsourcelines(cls)
+    comments: dict[str, str] = {}
+    above: list[str] = []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"\s+(\w+):", line)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            after = [tok.string.lstrip("#").strip() for tok in tokenize.generate_tokens(io.StringIO(line).readline)
+                     if tok.type == tokenize.COMMENT]
+            comments[match.group(1)] = " ".join(above + after)
+        above = []
+    return comments
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return f"`{_show(value)}`" if value != "" else '`""`'
+
+
+def config_markdown() -> str:
+    """docs/config.md: every key with its type, default and description, from the dataclasses above."""
+    out = [
+        "# Configuration keys",
+        "",
+        "<!-- Generated from sf2dist/config.py by `python -m sf2dist.config --markdown > docs/config.md`;",
+        "     edit the field comments there, not this file (tests/test_config.py checks that it is current). -->",
+        "",
+        "A run is described by YAML files given with `--config` (composed in order: later files win,",
+        "mappings merge key by key, lists are replaced; a file may `include:` others, relative to itself)",
+        "and then by `--set section.key=value` overrides, in order. Every value is checked against its",
+        "type and choices as it arrives; an error names the key and the file or `--set` it came from.",
+        "`launch/train.py --print-config` prints the resolved config and checks the data without training;",
+        "the resolved config is also written to `RUN_DIR/config.yaml`.",
+        "",
+        "Keys marked *resume: free* may change when a run resumes from a checkpoint. A resume that",
+        "changes any other key is refused (exit status 2, listing `key: old -> new`) unless",
+        "`--allow-config-change KEY` names it; the config of each such resume is kept in",
+        "`RUN_DIR/config.step_NNNNNNNN.yaml` (`config.yaml` stays the config the run started with).",
+        "",
+    ]
+    for section, cls in SECTIONS.items():
+        out += [f"## `{section}`", "", (cls.__doc__ or "").strip(), "",
+                "| key | type | default | resume | description |", "|---|---|---|---|---|"]
+        comments = _field_comments(cls)
+        for name, (tp, f) in _FIELDS[section].items():
+            choices = f.metadata.get("choices")
+            kind = " \\| ".join(f"`{c}`" for c in choices) if choices else _describe(tp)
+            free = "free" if resume_safe(f"{section}.{name}") else ""
+            description = comments.get(name, "").replace("|", "\\|")
+            out.append(f"| `{section}.{name}` | {kind} | {_default_text(f)} | {free} | {description} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sf2dist.config",
+        description="Print docs/config.md, every config key with its type, default and description. (To see a "
+                    "resolved config, use launch/train.py --config FILE --set KEY=VALUE --print-config.)")
+    parser.add_argument("--markdown", action="store_true", required=True, help="print docs/config.md (required)")
+    parser.parse_args(argv)
+    print(config_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -96,7 +96,7 @@ def cuda_device_index(info: ProcessInfo, visible: int) -> int:
 
 
 def init_distributed(
-    device: str | torch.device | None = None, timeout_s: float = 600.0
+    device: str | torch.device | None = None, timeout_s: float = 600.0, always_group: bool = False
 ) -> tuple[ProcessInfo, torch.device]:
     """Join the job's default process group and pick this process's device.
 
@@ -104,6 +104,9 @@ def init_distributed(
     (this process's local GPU) when available, else CPU. A single process with no launcher
     variables gets no process group; every collective in `sf2dist.comm` then acts locally.
     `timeout_s` bounds how long a collective may wait on a dead rank before the job fails.
+    `always_group`: join a group of one as well when a launcher (torchrun, SLURM) started a
+    single process (DeepSpeed cannot run without a group); a process started without a
+    launcher has no rendezvous address, so it never gets one.
     """
     info = discover()
     if device is None:
@@ -112,7 +115,8 @@ def init_distributed(
     if device.type == "cuda":
         device = torch.device("cuda", cuda_device_index(info, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    if info.world_size > 1 and not dist.is_initialized():
+    wanted = info.world_size > 1 or (always_group and info.source != "single")
+    if wanted and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if info.source == "slurm":
             for name in ("MASTER_ADDR", "MASTER_PORT"):

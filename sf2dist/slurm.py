@@ -1,11 +1,14 @@
 """The decisions launch/slurm/train.sbatch takes in Python: may this job start, and requeue it?
 
-    python -m sf2dist.slurm prepare CONFIG [--set key=value ...]   prints the run directory
+    python -m sf2dist.slurm prepare CONFIG [--config FILE] [--set key=value ...] [--allow-config-change KEYS]
+                                                                    prints the run directory
     python -m sf2dist.slurm requeue RUN_DIR                         exit 0: requeue, 1: do not
 
 `prepare` runs once on the batch node before any rank starts, so that a job that cannot work
 fails at once with the reason in its log (and is not requeued): a config error, missing data
-or evaluation files, or a config that wants CUDA where torch sees none.
+or evaluation files, a config that wants CUDA where torch sees none, or a resume that would
+change settings of the run in RUN_DIR (unless `--allow-config-change` names them, as for
+launch/train.py).
 
 `requeue` says yes only when RUN_DIR/status.json says "preempted" and was written by this
 very job and restart (SLURM_JOB_ID, SLURM_RESTART_COUNT): the ranks write that state last,
@@ -20,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from sf2dist.config import Config, ConfigError, load_config
+from sf2dist.config import Config, ConfigError, check_keys, load_config
 
 
 class NotReady(ValueError):
@@ -47,6 +50,16 @@ def check_ready(cfg: Config, cuda_available: bool | None = None) -> None:
             f"engine.device={cfg.engine.device} wants CUDA, but the torch in {sys.prefix} sees no GPU here "
             f"(torch {_torch_version()}). Install a CUDA build of torch into the venv (make install TORCH=cu126), "
             "request GPUs (--gpus-per-node), or set engine.device=cpu to train on CPUs on purpose")
+
+
+def check_resume(cfg: Config, allow_config_change: list[str]) -> None:
+    """NotReady when the ranks would refuse to resume RUN_DIR (changed settings, run.resume=false over a run)."""
+    from sf2dist.train.trainer import resume_point  # torch: only once the config is known to be sound
+
+    try:
+        resume_point(cfg, allow_config_change).check()
+    except ValueError as err:
+        raise NotReady(str(err)) from None
 
 
 def _torch_version() -> str:
@@ -84,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="check that the job can start; print its run directory")
     prepare.add_argument("config", help="YAML config file")
-    prepare.add_argument("rest", nargs=argparse.REMAINDER, help="--set key=value ... as given to train.py")
+    prepare.add_argument("rest", nargs=argparse.REMAINDER,
+                         help="--config FILE, --set key=value, --allow-config-change KEYS ... as given to train.py")
     requeue = commands.add_parser("requeue", help="exit 0 if the job should be requeued")
     requeue.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
@@ -94,18 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sf2dist: {'requeue' if decision else 'no requeue'}: {why}", file=sys.stderr)
         return 0 if decision else 1
 
-    configs, overrides, rest = [args.config], [], list(args.rest)
+    configs, overrides, allowed, rest = [args.config], [], [], list(args.rest)
     while rest:
         flag = rest.pop(0)
-        if flag in ("--set", "--config") and rest:
-            (overrides if flag == "--set" else configs).append(rest.pop(0))
+        if flag in ("--set", "--config", "--allow-config-change") and rest:
+            {"--set": overrides, "--config": configs, "--allow-config-change": allowed}[flag].append(rest.pop(0))
         else:
             print(f"sf2dist: unexpected argument {flag!r}: train.sbatch takes CONFIG [--config FILE] "
-                  "[--set key=value ...]", file=sys.stderr)
+                  "[--set key=value ...] [--allow-config-change KEYS]", file=sys.stderr)
             return 2
     try:
         cfg = load_config(configs, overrides)
         check_ready(cfg)
+        check_resume(cfg, check_keys(allowed, "--allow-config-change"))
     except ConfigError as err:
         print(f"sf2dist: config error: {err}", file=sys.stderr)
         return 2

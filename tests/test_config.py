@@ -72,6 +72,7 @@ def test_includes_are_relative_to_their_file_and_apply_before_it(tmp_path, monke
         ("run.dir=2024", "run", "dir", "2024"),  # text fields take the text, not YAML's int
         ("data.train=on", "data", "train", "on"),  # ... nor YAML 1.1's bool
         ("data.train=", "data", "train", ""),
+        ("data.train=[broken", "data", "train", "[broken"),  # not YAML: still the text
         ("logging.wandb_entity=null", "logging", "wandb_entity", None),
         ("logging.wandb_entity=my-team", "logging", "wandb_entity", "my-team"),
         ("head.type=partial_fc", "head", "type", "partial_fc"),
@@ -280,3 +281,67 @@ def test_shipped_configs_are_present():
     names = {p.name for p in CONFIG_DIR.glob("*.yaml")}
     assert {"demo_cpu.yaml", "base_gpu.yaml", "ms1mv3_r50_sf2.yaml", "ms1mv3_r100_sf2.yaml",
             "ms1mv3_r100_pfc.yaml", "webface42m_r100_sf2.yaml"} <= names
+
+
+# -- docs/config.md, warnings, changes on resume ------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+
+
+def test_docs_config_md_is_generated_from_the_dataclasses_and_current():
+    """Regenerate with `python -m sf2dist.config --markdown > docs/config.md` when this fails."""
+    from sf2dist.config import config_keys, config_markdown
+
+    text = config_markdown()
+    assert DOCS.read_text() == text + "\n", "stale: run python -m sf2dist.config --markdown > docs/config.md"
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == config_keys()
+    for row in rows:  # type, default and a description for every key
+        key, kind, default, _, description = [cell.strip() for cell in row.strip("|").split(" | ")]
+        assert kind and default.startswith("`") and len(description) > 10, row
+    assert "| `optim.lr` | float | `0.1` |  | base learning rate" in text
+    assert "| `head.type` | `sphereface2` \\| `partial_fc` | `sphereface2` |  |" in text
+    assert "| `run.max_steps` | int or null | `null` | free |" in text
+
+
+def test_the_markdown_command(capsys):
+    from sf2dist.config import config_markdown, main
+
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == config_markdown() + "\n"
+
+
+def test_head_keys_the_chosen_head_does_not_read_are_warned_about(tmp_path):
+    from sf2dist.config import resolve_config
+
+    assert resolve_config().warnings == []  # defaults are never reported
+    assert resolve_config([CONFIG_DIR / "demo_cpu.yaml"]).warnings == []
+    demo = CONFIG_DIR / "demo_cpu.yaml"
+    warnings = resolve_config([demo], ["head.type=partial_fc", "head.margin=cosface"]).warnings
+    assert warnings == [
+        f"head.r=30.0 (from {demo}) is not used: it is a sphereface2 setting and head.type is partial_fc; remove it",
+        f"head.m=0.1 (from {demo}) was set for head.type sphereface2, but head.type is partial_fc (from --set "
+        f"head.type=partial_fc), which reads it as its own margin size; set head.m for partial_fc as well, or "
+        f"head.m=null for partial_fc's default",
+    ]
+    assert resolve_config(overrides=["head.s=32"]).warnings == [
+        "head.s=32.0 (from --set head.s=32) is not used: it is a partial_fc setting and head.type is sphereface2; "
+        "remove it"]
+    # the --set options are one layer: m set before head.type on the command line is meant for that type
+    warnings = resolve_config([demo], ["head.m=0.3", "head.margin=cosface", "head.type=partial_fc"]).warnings
+    assert [warning.split()[0] for warning in warnings] == ["head.r=30.0"]
+    # a file that sets both for one head: nothing carried over from the file it includes
+    path = write(tmp_path / "pfc.yaml", f"include: [{demo}]\nhead: {{type: partial_fc, margin: arcface, m: 0.5}}\n")
+    assert [warning.split()[0] for warning in resolve_config([path]).warnings] == ["head.r=30.0"]
+
+
+def test_config_changes_between_a_checkpoint_and_now():
+    from sf2dist.config import config_changes, resume_safe
+
+    saved = config_to_dict(load_config(overrides=["optim.lr=0.3", "run.dir=a", "model.kwargs={width: 8}"]))
+    del saved["head"]["storage"]  # a key added after the checkpoint was written: its default then
+    now = load_config(overrides=["optim.lr=0.05", "run.dir=b", "run.resume=false", "model.kwargs={width: 16}",
+                                 "run.max_steps=9"])
+    assert [str(c) for c in config_changes(saved, now)] == [
+        "run.max_steps: null -> 9", "model.kwargs: {width: 8} -> {width: 16}", "optim.lr: 0.3 -> 0.05"]
+    assert [resume_safe(c.key) for c in config_changes(saved, now)] == [True, False, False]
+    assert resume_safe("eval.benchmarks") and resume_safe("logging.progress") and not resume_safe("data.batch_size")

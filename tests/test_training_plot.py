@@ -2,6 +2,7 @@
 from types import SimpleNamespace
 
 import pytest
+from matplotlib.colors import to_rgba
 
 from sf2dist.train.metrics import RunLog, plot_run, read_csv, training_figure
 
@@ -59,3 +60,23 @@ def test_with_evaluation_an_accuracy_panel_follows(run_dir):
 def test_a_run_whose_only_benchmark_has_no_accuracy_gets_two_panels(run_dir):
     RunLog(run_dir, {}, SimpleNamespace(wandb_mode="disabled")).eval(50, "IJBC", {"auc": 0.99})
     assert len(training_figure(read_csv(run_dir / "metrics.csv"), read_csv(run_dir / "eval.csv")).axes) == 2
+
+
+def test_accuracy_has_std_bars_the_lr_a_legend_and_steps_are_whole_numbers(tmp_path):
+    log = RunLog(tmp_path, {}, SimpleNamespace(wandb_mode="disabled"))
+    for step in (1, 2, 3):
+        log.train({"step": step, "epoch": 0, "loss": 5.0 - step, "lr": 0.1})
+    log.eval(2, "lfw", {"accuracy": 0.9, "accuracy_std": 0.015})
+    log.eval(3, "lfw", {"accuracy": 0.95, "accuracy_std": 0.005})
+    fig = training_figure(read_csv(tmp_path / "metrics.csv"), read_csv(tmp_path / "eval.csv"))
+    fig.canvas.draw()  # ticks are placed when drawn
+    ax_loss, ax_lr, ax_acc = fig.axes
+    (bars,) = ax_acc.collections  # one vertical bar per evaluation: accuracy ± the 10-fold std, in %
+    assert [segment.tolist() for segment in bars.get_segments()] == [
+        [[2, pytest.approx(88.5)], [2, pytest.approx(91.5)]], [[3, pytest.approx(94.5)], [3, pytest.approx(95.5)]]]
+    assert bars.get_colors().tolist() == [list(to_rgba(ax_acc.lines[0].get_color()))]  # the benchmark's colour
+    assert [text.get_text() for text in ax_lr.get_legend().get_texts()] == [
+        "backbone lr (optim.lr x warm-up x schedule)"]
+    for ax in fig.axes:  # a 3-step run: no 1.5 or 2.25 on any step axis
+        ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), ticks

@@ -414,8 +414,8 @@ def make_loader(
     if num_classes is not None and num_classes != manifest.num_classes:
         raise ValueError(
             f"num_classes={num_classes} does not match the {manifest.num_classes} classes of "
-            f"{Path(shard_dir) / 'manifest.json'}; size the head from the manifest "
-            f"(loader.num_classes) or point at the right shards"
+            f"{Path(shard_dir) / 'manifest.json'}: set data.num_classes={manifest.num_classes} or remove it "
+            f"(the head is sized from the manifest, loader.num_classes), or point at the right shards"
         )
     if label_noise > 0 and manifest.num_classes < 2:
         raise ValueError(f"label noise needs at least 2 classes; {shard_dir} has {manifest.num_classes}")

@@ -50,6 +50,11 @@ def register_backbone(name: str) -> Callable[[Callable[..., ModuleT]], Callable[
     return decorator
 
 
+def backbone_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments backbone `name`'s builder takes, in order (ValueError for an unknown name)."""
+    return tuple(inspect.signature(_builder(name)).parameters)
+
+
 def list_backbones() -> list[str]:
     """Names of every registered backbone, sorted."""
     return sorted(_BUILDERS)
@@ -57,12 +62,16 @@ def list_backbones() -> list[str]:
 
 def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     """Build the backbone registered as `name` with `kwargs` (embedding_dim, input_size, ...)."""
+    return _builder(name)(**kwargs)
+
+
+def _builder(name: str) -> Builder:
     builder = _BUILDERS.get(name)
     if builder is None:
         close = difflib.get_close_matches(str(name), _BUILDERS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(f"unknown backbone {name!r}; {hint}registered backbones: {', '.join(list_backbones())}")
-    return builder(**kwargs)
+    return builder
 
 
 def backbone_spec(model: nn.Module) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "model.pt").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_main(directory: Path) -> dict:
+    """A checkpoint's model.pt: trainer state, config, model identity; the weights stay on disk (mmap)."""
+    path = Path(directory) / "model.pt"
+    try:
+        main = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a refused global, a truncated archive: say which file
+        raise CheckpointMismatchError(f"cannot read checkpoint {path}: {err}; move that checkpoint directory away "
+                                      "to resume from the one before it") from err
+    if main.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{path}: checkpoint format {main.get('format')!r}, expected {FORMAT}")
+    return main
 
 
 def _row_state(state: dict, rows: int) -> tuple[dict, dict]:
@@ -171,16 +185,43 @@ def save(
         )
     comm.barrier()
     if rank == 0:
+        # Only what a checkpoint writer creates is ever deleted: the names this save wrote (model.pt,
+        # the engine's files) and the head files of any world size. Whatever else was put in a
+        # checkpoint directory (an export, notes) stays, and so does its directory.
+        written = {entry.name for entry in partial.iterdir()}
+
+        def ours(entry: Path) -> bool:
+            return entry.name in written or re.fullmatch(r"head-\d+\.pt", entry.name) is not None
+
         if final.exists():  # the same step saved again (e.g. the end of a run that resumed there)
+            for entry in final.iterdir():
+                if not ours(entry):
+                    os.replace(entry, partial / entry.name)  # carried over into the new checkpoint
             shutil.rmtree(final)
         os.replace(partial, final)
         for old in checkpoint_dirs(directory_root.parent)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            for entry in old.iterdir():
+                if not ours(entry):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    try:
+                        entry.unlink()
+                    except OSError:
+                        pass  # named below with what else is left
+            left = sorted(entry.name for entry in old.iterdir())
+            if left:
+                print(f"checkpoint rotation: deleted the training files of {old} but kept the directory: it also holds "
+                      f"{', '.join(left)}, which training did not write", file=sys.stderr, flush=True)
+            else:
+                old.rmdir()
     comm.barrier()
     return final
 
 
-def _check_identity(path: Path, saved: dict, backbone: nn.Module, head: nn.Module) -> None:
+def check_identity(path: Path, saved: dict, backbone: nn.Module, head: nn.Module) -> None:
+    """CheckpointMismatchError unless model.pt `saved` holds this backbone architecture and head."""
     differences = []
     spec = backbone_spec(backbone)
     if saved["backbone"] != spec:
@@ -192,7 +233,7 @@ def _check_identity(path: Path, saved: dict, backbone: nn.Module, head: nn.Modul
     if differences:
         raise CheckpointMismatchError(
             f"checkpoint {path} belongs to another model: " + "; ".join(differences)
-            + ". Point run.dir at a new directory, or set run.resume=false to start over there."
+            + ". Point run.dir at a new directory for a new run, or use the checkpoint's settings to continue it."
         )
 
 
@@ -214,7 +255,7 @@ def load(
         raise CheckpointMismatchError(f"cannot read checkpoint {main_path}: {err}") from err
     if main.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{main_path}: checkpoint format {main.get('format')!r}, expected {FORMAT}")
-    _check_identity(main_path, main, backbone, head)
+    check_identity(main_path, main, backbone, head)
     backbone.load_state_dict(main["backbone_state"])
 
     # This rank's rows, from every saved shard that overlaps them.
@@ -236,7 +277,7 @@ def load(
     if covered != stop - start:
         raise CheckpointMismatchError(
             f"{directory}: the head files cover {covered} of this rank's {stop - start} classes [{start}, {stop}); "
-            "the checkpoint is incomplete"
+            "the checkpoint is incomplete: move that directory away to resume from the checkpoint before it"
         )
     weight_parts.sort(key=lambda item: item[0])
     state_parts.sort(key=lambda item: item[0])

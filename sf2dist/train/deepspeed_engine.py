@@ -87,8 +87,9 @@ class DeepSpeedEngine:
             found = f"one of world size {comm.rank_and_world()[1]}" if has_group else "none"
             raise ValueError(
                 f"engine.type deepspeed needs an initialised process group of world size {world_size} "
-                f"(found {found}); launch with torchrun so that sf2dist.parallel.init_distributed creates "
-                "it, or use engine.type ddp for a single process"
+                f"(found {found}), even on one GPU: start training with torchrun (torchrun --nproc_per_node=NUM_GPUS "
+                "launch/train.py ...; sf2dist.parallel.init_distributed(always_group=True) then creates it), or use "
+                "engine.type ddp for a single process"
             )
         backbone = backbone.to(device)
         optimizer = optim.make_optimizer(backbone.parameters(), cfg.optim, cfg.optim.lr)
@@ -167,7 +168,10 @@ class DeepSpeedEngine:
         """Module weights, float32 master weights and optimiser state, from a run on as many ranks."""
         checkpoint = directory / "deepspeed" / _CHECKPOINT_TAG
         if not checkpoint.is_dir():
-            raise FileNotFoundError(f"no DeepSpeed engine checkpoint at {checkpoint} (written by DeepSpeedEngine.save)")
+            saved_by = "engine.type ddp" if (directory / "backbone_optimizer.pt").is_file() else "an incomplete save"
+            raise ValueError(f"{directory} holds no DeepSpeed engine state ({checkpoint} is missing; it was written "
+                             f"by {saved_by}): resume it with the engine.type it was saved with, or start a new run "
+                             f"in another run.dir")
         saved_ranks = len(list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")))
         _, world_size = comm.rank_and_world()
         if saved_ranks != world_size:

@@ -75,7 +75,13 @@ class DDPEngine:
             torch.save({"optimizer": self.optimizer.state_dict()}, directory / "backbone_optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "backbone_optimizer.pt", map_location=self.device, weights_only=True)
+        path = directory / "backbone_optimizer.pt"
+        if not path.is_file():
+            saved_by = "engine.type deepspeed" if (directory / "deepspeed").is_dir() else "an incomplete save"
+            raise ValueError(f"{directory} holds no DDP optimiser state ({path.name}; it was written by {saved_by}): "
+                             f"resume it with the engine.type it was saved with, or start a new run in another "
+                             f"run.dir")
+        state = torch.load(path, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
 
 

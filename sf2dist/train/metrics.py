@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "loss_scale", "skipped_steps", "elapsed_s")
 EVAL_COLUMNS = ("step", "benchmark", "accuracy", "accuracy_std", "best_accuracy", "eer", "auc")
@@ -77,9 +78,10 @@ def read_csv(path: Path) -> list[dict]:
 def training_figure(train: list[dict], evals: list[dict]) -> Figure:
     """Loss, learning rate and (when `evals` holds any) verification accuracy against step, side by side.
 
-    `train` and `evals` are rows of metrics.csv and eval.csv. Rows without an accuracy (a
-    benchmark that reports none, such as IJB) are left out; a run with no accuracy to show
-    gets the loss and learning-rate panels only, not an empty accuracy panel.
+    `train` and `evals` are rows of metrics.csv and eval.csv. Accuracy is drawn with error bars
+    of ± the 10-fold standard deviation. Rows without an accuracy (a benchmark that reports
+    none, such as IJB) are left out; a run with no accuracy to show gets the loss and
+    learning-rate panels only, not an empty accuracy panel. Steps are whole numbers on every axis.
     """
     accuracy_rows = [r for r in evals if r.get("accuracy")]
     fig = Figure(figsize=(5.5 * (3 if accuracy_rows else 2), 4))
@@ -88,15 +90,22 @@ def training_figure(train: list[dict], evals: list[dict]) -> Figure:
     ax_loss, ax_lr = axes[0], axes[1]
     ax_loss.plot(steps, [float(r["loss"]) for r in train])
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
-    ax_lr.plot(steps, [float(r["lr"]) for r in train], color="tab:gray")
+    ax_lr.plot(steps, [float(r["lr"]) for r in train], color="tab:gray",
+               label="backbone lr (optim.lr x warm-up x schedule)")
     ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax_lr.legend()
     if accuracy_rows:
         ax_acc = axes[2]
         for name in sorted({r["benchmark"] for r in accuracy_rows}):
             rows = [r for r in accuracy_rows if r["benchmark"] == name]
-            ax_acc.plot([int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows], "o-", label=name)
-        ax_acc.set(xlabel="step", ylabel="verification accuracy (%)", title="10-fold verification accuracy")
+            stds = [100 * float(r["accuracy_std"]) if r.get("accuracy_std") else 0.0 for r in rows]
+            x, y = [int(r["step"]) for r in rows], [100 * float(r["accuracy"]) for r in rows]
+            (line,) = ax_acc.plot(x, y, "o-", label=name)
+            ax_acc.errorbar(x, y, yerr=stds, fmt="none", ecolor=line.get_color(), capsize=0)  # bars only
+        ax_acc.set(xlabel="step", ylabel="verification accuracy (%), ± 10-fold std",
+                   title="10-fold verification accuracy")
         ax_acc.legend()
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared: every panel's step axis
     fig.tight_layout()
     return fig
 

@@ -1,32 +1,44 @@
 """The training run: data -> replicated backbone -> gathered embeddings -> sharded head -> step.
 
 `Trainer(cfg).run()` is the whole job on one rank; `launch/train.py` starts it under
-torchrun, SLURM or as a single process. The loop reads top to bottom: `run` resumes, then
-repeats `train_step` (accumulate micro-batches, one all-reduce for the global gradient norm
-and loss, unscale, clip, step or skip together), logging, evaluation and checkpoints.
+torchrun, SLURM or as a single process. Everything a run needs is read and checked before
+the first step: the backbone's arguments, the data's manifest, every benchmark, and whether
+the run directory's newest checkpoint may be continued with this config (`resume_point`).
+`check_run` does the same checks without a process group or a step (`--print-config`).
+The loop reads top to bottom: `run` resumes, then repeats `train_step` (accumulate
+micro-batches, one all-reduce for the global gradient norm and loss, unscale, clip, step or
+skip together), logging, evaluation and checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
+import difflib
 import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from sf2dist import comm, parallel, stop
-from sf2dist.config import Config, config_to_dict, save_config
+from sf2dist.config import Change, Config, ConfigError, config_changes, config_to_dict, resume_safe, save_config
 from sf2dist.data import make_loader
-from sf2dist.eval import ExtractOptions, evaluate_prepared, prepare_benchmark
+from sf2dist.data.shards import Manifest, read_manifest
+from sf2dist.eval import ExtractOptions, PreparedBenchmark, evaluate_prepared, prepare_benchmark
 from sf2dist.heads import LambdaSchedule, PartialFCHead, SphereFace2Head, make_head_sgd
 from sf2dist.models import create_backbone
+from sf2dist.models.registry import backbone_arguments
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
 from sf2dist.train.metrics import RunLog, plot_run
+
+# Backbone arguments the trainer passes itself: from model.embedding_dim and the images' size.
+_TRAINER_ARGUMENTS = ("embedding_dim", "input_size")
 
 
 def headline(metrics: dict) -> str:
@@ -42,6 +54,14 @@ class BadStepsError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class EvaluationError(RuntimeError):
+    """An evaluation that failed mid-run, after the step it followed was checkpointed."""
+
+    def __init__(self, message: str, step: int, checkpoint_dir: Path) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint_dir = step, checkpoint_dir
+
+
 def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
     h = cfg.head
     optional = {k: v for k, v in (("margin", h.margin), ("m", h.m)) if v is not None}
@@ -55,19 +75,250 @@ def build_head(cfg: Config, num_classes: int) -> torch.nn.Module:
                          lambda_schedule=schedule, sample_rate=h.sample_rate, seed=cfg.run.seed, **optional)
 
 
+# -- what is checked before the first step ------------------------------------------------------
+def check_backbone(cfg: Config, sources: dict[str, str] | None = None) -> None:
+    """model.backbone and model.kwargs against the backbone registry, before anything is built.
+
+    Raises ConfigError naming the key, where it was set (`sources`, as `resolve_config` gives
+    them) and the arguments the backbone takes.
+    """
+    sources = sources or {}
+
+    def where(key: str) -> str:
+        return sources.get(key, "the default")
+
+    try:
+        accepted = backbone_arguments(cfg.model.backbone)
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err} (from {where('model.backbone')})") from None
+    own = [name for name in accepted if name not in _TRAINER_ARGUMENTS]
+    for key in cfg.model.kwargs:
+        if key in _TRAINER_ARGUMENTS:
+            setting = "model.embedding_dim" if key == "embedding_dim" else "the size of the training images"
+            raise ConfigError(f"model.kwargs.{key}: set by the trainer from {setting}; remove it from model.kwargs "
+                              f"(from {where('model.kwargs')})")
+        if key not in accepted:
+            close = difflib.get_close_matches(key, own, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            takes = f"takes {', '.join(own)} (and" if own else "takes nothing besides"
+            raise ConfigError(
+                f"model.kwargs.{key}: backbone {cfg.model.backbone} has no argument {key!r} (model.kwargs from "
+                f"{where('model.kwargs')}, model.backbone from {where('model.backbone')}); {hint}{cfg.model.backbone} "
+                f"{takes} {', '.join(_TRAINER_ARGUMENTS)}, which the trainer sets{')' if own else ''}. Remove "
+                f"model.kwargs.{key}, e.g. --set model.kwargs={{}} to clear them all"
+            )
+
+
+def check_settings(cfg: Config) -> None:
+    """What needs no file read: data.train set, every benchmark present, the backbone's arguments."""
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: set it to a shard directory (with manifest.json), "
+                         "e.g. --set data.train=data/demo/train")
+    missing = [path for path in cfg.eval.benchmarks if not Path(path).exists()]
+    if missing:  # found now, not after the last step of a long run
+        raise ValueError(f"eval.benchmarks: {', '.join(map(str, missing))} not found; fix the path or remove it "
+                         f"from eval.benchmarks")
+    check_backbone(cfg)
+
+
+def read_train_manifest(cfg: Config) -> Manifest:
+    """data.train's manifest, checked against data.num_classes and for square images (ValueError)."""
+    try:
+        manifest = read_manifest(cfg.data.train)
+    except ValueError as err:
+        raise ValueError(f"data.train: {err}") from None
+    manifest_path = Path(cfg.data.train) / "manifest.json"
+    if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
+        raise ValueError(f"data.num_classes={cfg.data.num_classes} does not match the {manifest.num_classes} classes "
+                         f"of {manifest_path}: set data.num_classes={manifest.num_classes} or remove it (the head is "
+                         f"sized from the manifest), or point data.train at the shards you meant")
+    height, width = manifest.image_size
+    if height != width:
+        raise ValueError(f"data.train: the images of {cfg.data.train} are {height}x{width}; the backbones take "
+                         f"square images (convert the data with a square crop)")
+    return manifest
+
+
+def batch_warnings(cfg: Config, num_samples: int, world_size: int) -> list[str]:
+    """A per-rank batch larger than each rank's share of the data: every step shows samples twice."""
+    per_rank = num_samples // world_size
+    if cfg.data.batch_size <= per_rank:
+        return []
+    global_batch = cfg.data.batch_size * world_size
+    return [f"data.batch_size={cfg.data.batch_size} is more than the {per_rank} samples per rank ({num_samples} "
+            f"samples over {world_size} rank(s)): each step of {global_batch} images repeats samples (each about "
+            f"{global_batch / num_samples:.1f} times); set data.batch_size to at most {max(per_rank, 1)}"]
+
+
+def prepare_benchmarks(paths: Sequence[str], rank: int, world_size: int,
+                       image_size: tuple[int, int]) -> list[PreparedBenchmark]:
+    """eval.benchmarks entries read and checked, this rank's slice of their images decoded (ValueError)."""
+    prepared = []
+    for path in paths:
+        try:
+            prepared.append(prepare_benchmark(path, rank=rank, world_size=world_size, image_size=image_size))
+        except ValueError as err:
+            raise ValueError(f"eval.benchmarks: {err}. Replace the file, or remove it from eval.benchmarks") from None
+    return prepared
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: the newest checkpoint of run.dir (None: a new run) and what changed since."""
+
+    checkpoint: Path | None = None
+    step: int = 0
+    record: dict = field(default_factory=dict, repr=False)  # its model.pt (mmap), empty for a new run
+    changes: list[Change] = field(default_factory=list)  # keys this config changes since the checkpoint
+    refused: list[Change] = field(default_factory=list)  # those neither resume-safe nor allowed
+
+    def check(self) -> None:
+        """ValueError listing the refused changes, with the ways out, if there are any."""
+        if not self.refused:
+            return
+        listing = "".join(f"\n  {change}" for change in self.refused)
+        raise ValueError(
+            f"{self.checkpoint} was trained with other settings than this command's (checkpoint -> now):{listing}\n"
+            f"Resuming would train the remaining steps with settings no earlier step used. Either run the command "
+            f"with the checkpoint's settings, start a new run in another directory (--set run.dir=NEW_DIR), or "
+            f"continue with the change: --allow-config-change {','.join(change.key for change in self.refused)}. "
+            f"(Keys such as run.max_steps may change on resume without asking: docs/config.md lists them.)"
+        )
+
+
+def resume_point(cfg: Config, allow_config_change: Sequence[str] = ()) -> ResumePoint:
+    """The checkpoint this config continues, if any, and the settings it changes (see `ResumePoint.check`).
+
+    Refused here (ValueError): run.resume=false in a directory that holds checkpoints. A new run
+    there would mix its checkpoints, metrics and config with the earlier run's, and the
+    rotation would delete them. A change of a key that is neither resume-safe
+    (`sf2dist.config.RESUME_SAFE_KEYS`) nor in `allow_config_change` is refused by `check`.
+    """
+    run_dir = Path(cfg.run.dir)
+    found = checkpoint.checkpoint_dirs(run_dir)
+    if not found:
+        return ResumePoint()
+    newest = found[-1]
+    if not cfg.run.resume:
+        raise ValueError(
+            f"run.resume=false, but {run_dir / 'checkpoints'} holds {len(found)} checkpoint(s) of an earlier run "
+            f"(the newest: {newest.name}); a new run there would mix its checkpoints, metrics and config with that "
+            f"run's and could delete them. Start the new run in another directory (--set run.dir=NEW_DIR), move "
+            f"{run_dir} away first, or set run.resume=true to continue the earlier run"
+        )
+    record = checkpoint.read_main(newest)
+    changes = config_changes(record["config"], cfg) if "config" in record else []
+    allowed = set(allow_config_change)
+    refused = [change for change in changes if not resume_safe(change.key) and change.key not in allowed]
+    return ResumePoint(newest, int(record["trainer"]["step"]), record, changes, refused)
+
+
+def total_steps(cfg: Config, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: run.max_steps, or run.epochs of `batches_per_epoch` micro-batches."""
+    return cfg.run.max_steps or (cfg.run.epochs * batches_per_epoch) // cfg.optim.accumulation_steps
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def head_memory(cfg: Config, num_classes: int, world_size: int) -> str:
+    """Class rows per rank and the bytes they take: weights, optimiser state, gradient during a step."""
+    counts = [hi - lo for lo, hi in (parallel.class_range(num_classes, r, world_size) for r in range(world_size))]
+    rows = max(counts)
+    dim = cfg.model.embedding_dim
+    storage = torch.finfo(getattr(torch, cfg.head.storage)).bits // 8
+    weights = rows * dim * storage
+    if cfg.optim.name == "adamw":
+        state = 2 * rows * dim * 4  # two float32 moments
+    else:
+        state = rows * dim * storage if cfg.optim.momentum else 0  # momentum in the rows' dtype
+    spread = f"{rows:,}" if min(counts) == rows else f"{min(counts):,}-{rows:,}"
+    text = (f"{spread} class rows per rank x {dim} dims; per rank: weights {_size(weights)}, "
+            f"optimiser state {_size(state)}")
+    if cfg.head.step == "separate":
+        text += f", gradient up to {_size(rows * dim * 4)} during a step"
+    return text
+
+
+def describe_run(cfg: Config, *, manifest: Manifest, world_size: int, launcher: str, device: torch.device,
+                 backbone_parameters: int, point: ResumePoint, config_path: Path | None,
+                 warnings: Sequence[str] = ()) -> list[str]:
+    """The start-up summary: what runs where, on what data, with what memory, from which step."""
+    accumulation = cfg.optim.accumulation_steps
+    batches = math.ceil(manifest.num_samples / (world_size * cfg.data.batch_size))
+    steps_per_epoch = batches / accumulation
+    total = total_steps(cfg, batches)
+    global_batch = cfg.data.batch_size * world_size * accumulation
+    epochs = f"{total / steps_per_epoch:.3g} epochs" if steps_per_epoch else "0 epochs"
+    margin = f", margin {cfg.head.margin}" if cfg.head.margin else ""
+    lines = [
+        f"run directory: {cfg.run.dir}" + (f" (config: {config_path})" if config_path else ""),
+        f"ranks: {world_size} ({launcher}), device {device}, engine {cfg.engine.type}, "
+        f"precision {cfg.engine.precision}",
+        f"data: {cfg.data.train}: {manifest.num_samples:,} images of {manifest.num_classes:,} classes, "
+        f"{manifest.image_size[0]}x{manifest.image_size[1]}",
+        f"batch: {cfg.data.batch_size} per rank x {world_size} rank(s) x {accumulation} accumulation = "
+        f"{global_batch} images per step; {steps_per_epoch:g} steps per epoch; {total} steps ({epochs})",
+        f"head: {cfg.head.type}{margin}, {head_memory(cfg, manifest.num_classes, world_size)}",
+        f"backbone: {cfg.model.backbone}, {backbone_parameters:,} parameters ({_size(4 * backbone_parameters)} "
+        f"in float32)",
+    ]
+    if point.checkpoint is None:
+        lines.append("start: step 0, a new run")
+    else:
+        changed = f"; changed since: {', '.join(map(str, point.changes))}" if point.changes else ""
+        lines.append(f"start: step {point.step}, resumed from {point.checkpoint}{changed}")
+    lines += [f"warning: {warning}" for warning in warnings]
+    return lines
+
+
+def check_run(cfg: Config, allow_config_change: Sequence[str] = (), warnings: Sequence[str] = ()) -> list[str]:
+    """What `Trainer(cfg)` checks before its first step, with no process group and no step.
+
+    Every benchmark is read and each of its images decoded (as on one rank). Returns the
+    start-up summary for the world size of the launcher this process was started by; raises
+    ConfigError or ValueError with the first problem.
+    """
+    check_settings(cfg)
+    point = resume_point(cfg, allow_config_change)
+    point.check()
+    manifest = read_train_manifest(cfg)
+    info = parallel.discover()
+    for benchmark in cfg.eval.benchmarks:  # one at a time: only one benchmark's images are held
+        prepare_benchmarks([benchmark], 0, 1, manifest.image_size)
+    backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
+                               input_size=manifest.image_size[0], **cfg.model.kwargs)
+    device = torch.device("cuda" if cfg.engine.device == "cuda" or (cfg.engine.device == "auto"
+                                                                    and torch.cuda.is_available()) else "cpu")
+    return describe_run(
+        cfg, manifest=manifest, world_size=info.world_size, launcher=info.source, device=device,
+        backbone_parameters=sum(p.numel() for p in backbone.parameters()), point=point, config_path=None,
+        warnings=[*warnings, *batch_warnings(cfg, manifest.num_samples, info.world_size)],
+    )
+
+
 class Trainer:
-    def __init__(self, cfg: Config) -> None:
-        if not cfg.data.train:
-            raise ValueError("data.train is empty: set it to a shard directory (with manifest.json), "
-                             "e.g. --set data.train=data/demo/train")
-        missing = [path for path in cfg.eval.benchmarks if not Path(path).exists()]
-        if missing:  # found now, not after the last step of a long run
-            raise ValueError(f"eval.benchmarks: {', '.join(map(str, missing))} not found")
+    """One rank's share of a training run (see the module docstring).
+
+    `allow_config_change`: keys that may differ from the resumed checkpoint's config besides
+    the resume-safe ones; `warnings`: the config's (`ResolvedConfig.warnings`), printed on rank 0
+    and kept in RUN_DIR/summary.txt with the trainer's own.
+    """
+
+    def __init__(self, cfg: Config, *, allow_config_change: Sequence[str] = (), warnings: Sequence[str] = ()) -> None:
+        check_settings(cfg)
         self.cfg = cfg
+        self.allow_config_change = tuple(allow_config_change)
         if cfg.engine.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("engine.device=cuda, but torch sees no CUDA device (use cpu or auto)")
         device = None if cfg.engine.device == "auto" else cfg.engine.device  # None: CUDA when there is one
-        self.info, self.device = parallel.init_distributed(device, timeout_s=cfg.run.timeout_s)
+        self.info, self.device = parallel.init_distributed(device, timeout_s=cfg.run.timeout_s,
+                                                           always_group=cfg.engine.type == "deepspeed")
         if self.device.type == "cuda":
             # Fixed input shapes (face crops, a fixed batch): cuDNN may time its algorithms once and
             # keep the fastest, unless the run asks for deterministic kernels.
@@ -80,22 +331,23 @@ class Trainer:
         if self.rank == 0:  # in a SLURM log: where the ranks think they are, and from which variables
             tqdm.write(f"{self.info.describe()}; device {self.device}")
         self.run_dir = Path(cfg.run.dir)
+        # Before anything big is built: a new run must not land on an earlier run's checkpoints.
+        self.resume_point = resume_point(cfg, self.allow_config_change)
         torch.manual_seed(cfg.run.seed + self.rank)
 
-        # The loader first: it checks data.num_classes against the manifest before anything big is built.
+        # The manifest first: data.num_classes and the image size are checked before anything big is built.
+        manifest = read_train_manifest(cfg)
         self.loader = make_loader(
             cfg.data.train, batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, num_classes=cfg.data.num_classes,
             flip=cfg.data.flip, label_noise=cfg.data.label_noise, pin_memory=self.device.type == "cuda",
             device=self.device,
         )
-        height, width = self.loader.manifest.image_size
-        if height != width:
-            raise ValueError(f"{cfg.data.train}: images are {height}x{width}; the backbones take square images")
+        height, width = manifest.image_size
+        self.warnings = [*warnings, *batch_warnings(cfg, manifest.num_samples, self.world_size)]
         # Each benchmark read and checked once, now (a broken one fails here, not after hours);
         # each rank decodes only the images it embeds, and keeps them for every evaluation.
-        self.benchmarks = [prepare_benchmark(path, rank=self.rank, world_size=self.world_size,
-                                             image_size=(height, width)) for path in cfg.eval.benchmarks]
+        self.benchmarks = prepare_benchmarks(cfg.eval.benchmarks, self.rank, self.world_size, (height, width))
         torch.manual_seed(cfg.run.seed)  # the same initial backbone on every rank
         backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, input_size=height,
                                    **cfg.model.kwargs)
@@ -110,15 +362,22 @@ class Trainer:
         else:
             self.head_optimizer = optim.make_optimizer(groups, cfg.optim, self.head_lr)
         self.loss_scale = optim.LossScale(cfg.engine.precision == "fp16")
-        accumulation = cfg.optim.accumulation_steps
-        self.total_steps = cfg.run.max_steps or (cfg.run.epochs * self.loader.batches_per_epoch) // accumulation
+        self.total_steps = total_steps(cfg, self.loader.batches_per_epoch)
         if self.total_steps < 1:
-            raise ValueError(f"{cfg.run.epochs} epoch(s) of {self.loader.batches_per_epoch} batches make no step "
-                             f"with optim.accumulation_steps={accumulation}")
+            raise ValueError(f"{cfg.run.epochs} epoch(s) of {self.loader.batches_per_epoch} batches make no step with "
+                             f"optim.accumulation_steps={cfg.optim.accumulation_steps}; raise run.epochs or set "
+                             f"run.max_steps")
+        if self.resume_point.checkpoint is not None:
+            # A checkpoint of another model is refused as such; one of this model with other settings
+            # gets the list of changed keys.
+            checkpoint.check_identity(self.resume_point.checkpoint / "model.pt", self.resume_point.record,
+                                      self.engine.module, self.head)
+            self.resume_point.check()
         self.state = checkpoint.TrainerState(world_size=self.world_size, batch_size=cfg.data.batch_size)
         self.consecutive_bad = 0
         self.log = None
         self.stop_everywhere = False  # some rank got a stop signal: decided together in the step's all-reduce
+        self._resumed = False
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> dict:
@@ -131,9 +390,13 @@ class Trainer:
         self._resume()
         resumed_step = self.state.step
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+            config_path = self._write_config()
             self.log = RunLog(self.run_dir, config_to_dict(cfg), cfg.logging)
             self._write_status("running", resumed_step)
+            self._write_summary(config_path)
+            if self.state.step >= stop_step:
+                tqdm.write(f"nothing to train: the run is at step {self.state.step} and has {self.total_steps} steps; "
+                           f"raise run.max_steps or run.epochs to train longer (they may change on resume)")
         progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", mininterval=2.0,
                         dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
         self.engine.train()
@@ -143,7 +406,10 @@ class Trainer:
             results = self._loop(stop_step, progress)
         except BaseException as err:
             if self.rank == 0:  # "failed" is never requeued by launch/slurm/train.sbatch
-                self._write_status("failed", resumed_step, error=f"{type(err).__name__}: {err}")
+                where = {}
+                if isinstance(err, EvaluationError):
+                    where = {"failed_in": "evaluation", "checkpoint": str(err.checkpoint_dir)}
+                self._write_status("failed", resumed_step, error=f"{type(err).__name__}: {err}", **where)
             raise
         finally:
             if installed:
@@ -162,6 +428,38 @@ class Trainer:
         comm.barrier()
         return summary
 
+    def _write_config(self) -> Path:
+        """The config history, never overwritten: RUN_DIR/config.yaml is the config the run started
+        with (a new run replaces only one left by an attempt that saved no checkpoint); a resume that
+        changes a setting writes RUN_DIR/config.step_NNNNNNNN.yaml, the config of the steps after
+        NNNNNNNN, headed by the changes. Returns the file of the config in force."""
+        point, first = self.resume_point, self.run_dir / "config.yaml"
+        if point.checkpoint is None or not first.exists():  # a new run (or one whose config.yaml was lost)
+            save_config(self.cfg, first)
+            return first
+        if point.changes:
+            path = self.run_dir / f"config.step_{point.step:08d}.yaml"
+            changes = "".join(f"\n#   {change}" for change in point.changes)
+            save_config(self.cfg, path, comment=f"The config of the steps after {point.step}, resumed from "
+                                                f"{point.checkpoint} with these changes:{changes}")
+            return path
+        history = sorted(self.run_dir.glob("config.step_*.yaml"))
+        earlier = [p for p in history if int(p.stem.split("_")[1]) <= point.step]
+        return earlier[-1] if earlier else first
+
+    def _write_summary(self, config_path: Path) -> None:
+        """The start-up summary on stdout and appended to RUN_DIR/summary.txt (one block per start)."""
+        lines = describe_run(
+            self.cfg, manifest=self.loader.manifest, world_size=self.world_size, launcher=self.info.source,
+            device=self.device, backbone_parameters=sum(p.numel() for p in self.engine.module.parameters()),
+            point=self.resume_point, config_path=config_path, warnings=self.warnings,
+        )
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        with open(self.run_dir / "summary.txt", "a") as f:
+            f.write(f"== started {started} at step {self.state.step}\n" + "\n".join(lines) + "\n")
+        for line in lines:
+            tqdm.write(line)
+
     def _write_status(self, state: str, resumed_step: int, **extra) -> None:
         """RUN_DIR/status.json, replaced atomically: what the run is doing, and for which SLURM job."""
         record = {"state": state, "step": self.state.step, "total_steps": self.total_steps,
@@ -178,7 +476,7 @@ class Trainer:
     def _loop(self, stop_step: int, progress) -> dict:
         cfg = self.cfg
         window_start, window_steps, results = time.perf_counter(), 0, {}
-        run_start = time.perf_counter()
+        run_start, first_step = time.perf_counter(), self.state.step
         batches = self._micro_batches()
         while self.state.step < stop_step:
             loss, grad_norm, lr = self.train_step(batches)
@@ -196,19 +494,38 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{images / seconds:.0f}")
                 if self.log is not None:
                     self.log.train(row)
+                    if not cfg.logging.progress:  # a SLURM log gets plain lines instead of a bar
+                        per_step = row["elapsed_s"] / (self.state.step - first_step)
+                        eta = datetime.timedelta(seconds=round(per_step * (stop_step - self.state.step)))
+                        print(f"step {self.state.step}/{self.total_steps} epoch {row['epoch']} loss {loss:.4f} "
+                              f"lr {lr:.4g} images/s {row['images_per_s']:.0f} ETA {eta}", flush=True)
                 window_start, window_steps = time.perf_counter(), 0
             # the checkpoint first: an evaluation that fails loses no training
+            saved = None
             if (cfg.run.checkpoint_every and self.state.step % cfg.run.checkpoint_every == 0) or last:
-                self.save_checkpoint()
+                saved = self.save_checkpoint()
             final = self.state.step == self.total_steps and not self.stop_everywhere
             if cfg.eval.benchmarks and ((cfg.run.eval_every and self.state.step % cfg.run.eval_every == 0) or final):
-                results = self.evaluate()
+                results = self._evaluate_or_stop(saved)
                 self.engine.train()
             if self.stop_everywhere:
                 if self.rank == 0:
                     tqdm.write(f"stop signal: checkpoint written at step {self.state.step}; exiting for a requeue")
                 break
         return results
+
+    def _evaluate_or_stop(self, saved: Path | None) -> dict:
+        """`evaluate`, or a checkpoint of this step and an EvaluationError that names both."""
+        try:
+            return self.evaluate()
+        except Exception as err:
+            # Every rank gets here when the failure is in the shared part (the metrics of gathered
+            # embeddings, a benchmark's data); the checkpoint is a collective they write together.
+            saved = saved or self.save_checkpoint()
+            raise EvaluationError(
+                f"the evaluation after step {self.state.step} failed ({type(err).__name__}: {err}); that step is "
+                f"saved in {saved}. Fix or remove the benchmark (eval.* may change on resume) and run the same "
+                f"command again to continue from there", self.state.step, saved) from err
 
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The loader's batches as one stream across epochs, starting where the run stands."""
@@ -311,11 +628,15 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        found = checkpoint.checkpoint_dirs(self.run_dir) if self.cfg.run.resume else []
-        if not found:
+        """Load the checkpoint `resume_point` chose (once; `run` calls it)."""
+        if self._resumed:
+            return
+        self._resumed = True
+        found = self.resume_point.checkpoint
+        if found is None:
             return
         saved, main = checkpoint.load(
-            found[-1], rank=self.rank, world_size=self.world_size, backbone=self.engine.module, head=self.head,
+            found, rank=self.rank, world_size=self.world_size, backbone=self.engine.module, head=self.head,
             head_optimizer=self.head_optimizer, engine=self.engine,
         )
         self.loss_scale.load_state_dict(main["loss_scale"])
@@ -331,5 +652,7 @@ class Trainer:
         self.state = checkpoint.TrainerState(step=saved.step, micro_batches=micro_batches, world_size=self.world_size,
                                              batch_size=self.cfg.data.batch_size, skipped_steps=saved.skipped_steps)
         if self.rank == 0:
-            tqdm.write(f"resumed from {found[-1]} at step {saved.step} (saved on {saved.world_size} rank(s), "
+            tqdm.write(f"resumed from {found} at step {saved.step} (saved on {saved.world_size} rank(s), "
                        f"now {self.world_size})")
+            if self.resume_point.changes:
+                tqdm.write(f"changed since that checkpoint: {'; '.join(map(str, self.resume_point.changes))}")
