@@ -1,6 +1,7 @@
 """`sf2dist-eval` end to end with a stand-in backbone registry, and its error messages."""
 import json
 import pickle
+import re
 import sys
 import types
 
@@ -26,6 +27,19 @@ def registry(monkeypatch):
     module = types.ModuleType("sf2dist.models")
     module.create_backbone = create_backbone
     monkeypatch.setitem(sys.modules, "sf2dist.models", module)
+
+
+def fails(capsys, main, argv) -> str:
+    """Run a command line that must end in a user error: exit status 2 and one message line
+    (the last on stderr, after any progress lines), which is returned without the program's name."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    message = err.rstrip("\n").splitlines()[-1]
+    assert message.startswith(("sf2dist-eval: ", "sf2dist-export: ")) and "Traceback" not in err, err
+    return message.split(": ", 1)[1]
 
 
 def write_checkpoint(path, seed=1):
@@ -72,11 +86,11 @@ def test_run_directory_uses_its_newest_checkpoint(tmp_path, registry, capsys):
     assert document["checkpoint"].endswith("step_1000.pt")
 
 
-def test_missing_backbone_registry_is_a_clear_error(tmp_path, monkeypatch):
+def test_missing_backbone_registry_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sf2dist.models", None)  # as if sf2dist.models did not exist
     write_checkpoint(tmp_path / "c.pt")
-    with pytest.raises(SystemExit, match=r"no backbone registry \(module sf2dist.models with create_backbone"):
-        main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(write_pairs(tmp_path / "lfw.bin"))])
+    message = fails(capsys, main, ["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(write_pairs(tmp_path / "lfw.bin"))])
+    assert "no backbone registry (module sf2dist.models with create_backbone" in message
 
 
 class NotAWeight:
@@ -93,20 +107,20 @@ class NotAWeight:
         ({"backbone": NotAWeight()}, r"cannot load checkpoint .*c.pt"),  # refused by weights_only
     ],
 )
-def test_bad_checkpoints_are_reported(tmp_path, registry, content, message):
+def test_bad_checkpoints_are_reported(tmp_path, registry, capsys, content, message):
     torch.save(content, tmp_path / "c.pt")
-    with pytest.raises(SystemExit, match=message):
-        main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(write_pairs(tmp_path / "lfw.bin"))])
+    error = fails(capsys, main, ["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(write_pairs(tmp_path / "lfw.bin"))])
+    assert re.search(message, error), error
 
 
-def test_bad_arguments_are_reported(tmp_path, registry):
+def test_bad_arguments_are_reported(tmp_path, registry, capsys):
     write_checkpoint(tmp_path / "c.pt")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     lfw, other_lfw = write_pairs(tmp_path / "a" / "lfw.bin"), write_pairs(tmp_path / "b" / "lfw.bin")
-    with pytest.raises(SystemExit, match=r"repeated: \['lfw'\]"):
-        main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(lfw), str(other_lfw)])
-    with pytest.raises(SystemExit, match="benchmark .*nowhere.bin does not exist"):
-        main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(tmp_path / "nowhere.bin")])
-    with pytest.raises(SystemExit, match=r"--nproc \(0\)"):
-        main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(lfw), "--nproc", "0"])
+    checkpoint = ["--checkpoint", str(tmp_path / "c.pt")]
+    assert "repeated: ['lfw']" in fails(capsys, main, [*checkpoint, "--benchmark", str(lfw), str(other_lfw)])
+    assert fails(capsys, main, [*checkpoint, "--benchmark", str(tmp_path / "nowhere.bin")]) == (
+        f"benchmark {tmp_path / 'nowhere.bin'} does not exist"
+    )
+    assert "--nproc (0)" in fails(capsys, main, [*checkpoint, "--benchmark", str(lfw), "--nproc", "0"])

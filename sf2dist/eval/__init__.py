@@ -18,7 +18,18 @@ from sf2dist.eval.bin_io import (
     read_pair_list,
     read_pairs,
 )
-from sf2dist.eval.checkpoint import CheckpointError, build_backbone, load_backbone, newest_checkpoint, read_checkpoint
+from sf2dist.eval.checkpoint import (
+    CheckpointError,
+    build_backbone,
+    checkpoint_file,
+    checkpoint_image_size,
+    checkpoint_name,
+    checkpoint_step,
+    load_backbone,
+    newest_checkpoint,
+    read_checkpoint,
+    run_of_checkpoint,
+)
 from sf2dist.eval.evaluate import (
     BenchmarkResult,
     ExtractOptions,
@@ -78,6 +89,10 @@ __all__ = [
     "align_face",
     "best_accuracy",
     "build_backbone",
+    "checkpoint_file",
+    "checkpoint_image_size",
+    "checkpoint_name",
+    "checkpoint_step",
     "cosine_scores",
     "embed_images",
     "equal_error_rate",
@@ -109,6 +124,7 @@ __all__ = [
     "roc_auc",
     "roc_curve",
     "roc_summary",
+    "run_of_checkpoint",
     "similarity_transform",
     "squared_distances",
     "tar_at_far",

@@ -1,11 +1,15 @@
 """`sf2dist-eval`: evaluate a checkpoint's backbone on benchmarks, print a table, write JSON + ROC.
 
-    sf2dist-eval --checkpoint FILE | --run RUN_DIR  --benchmark FILE_OR_DIR... [--nproc N]
-                 [--flip sum|concat|none]
+    sf2dist-eval --checkpoint RUN_DIR/checkpoints/step_N | --run RUN_DIR  [--benchmark FILE_OR_DIR...]
+                 [--nproc N] [--flip sum|concat|none] [--out DIR]
 
+Without `--benchmark`, the benchmarks the checkpoint's run evaluated (its config's
+`eval.benchmarks`, stored in the checkpoint) are used. Results go to RUN_DIR/eval/step_N/ for
+a checkpoint of a run (else beside the checkpoint, in eval/NAME/), never the current directory.
 With `--nproc N` the images of each benchmark are split over N local processes (gloo on
 CPU, NCCL with one GPU each on CUDA); under torchrun the launcher's ranks are used instead.
-Rank 0 prints and writes; every number is computed from the gathered embeddings.
+Rank 0 prints and writes; every number is computed from the gathered embeddings. User errors
+end with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -19,8 +23,18 @@ import torch
 import torch.multiprocessing as mp
 
 from sf2dist import __version__, parallel
-from sf2dist.eval.checkpoint import backbone_factory, build_backbone, newest_checkpoint, read_checkpoint
-from sf2dist.eval.evaluate import ExtractOptions, evaluate_benchmark
+from sf2dist.eval.checkpoint import (
+    backbone_factory,
+    build_backbone,
+    checkpoint_file,
+    checkpoint_image_size,
+    checkpoint_name,
+    checkpoint_step,
+    newest_checkpoint,
+    read_checkpoint,
+    run_of_checkpoint,
+)
+from sf2dist.eval.evaluate import ExtractOptions, evaluate_prepared, prepare_benchmark
 from sf2dist.eval.extract import FLIP_MODES
 from sf2dist.eval.results import format_table, write_results
 from sf2dist.report import machine_description
@@ -29,31 +43,105 @@ from sf2dist.report import machine_description
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sf2dist-eval", description=__doc__.split("\n")[0].split(": ", 1)[1])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="a training checkpoint (.pt)")
-    source.add_argument("--run", type=Path, help="a training run directory: evaluates its newest checkpoints/*.pt")
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a training checkpoint: a step directory RUN_DIR/checkpoints/step_N (as training prints it), its "
+        "model.pt, or a .pt file (required unless --run is given)",
+    )
+    source.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a training run directory: evaluates its newest checkpoint (required unless --checkpoint is given)",
+    )
     parser.add_argument(
         "--benchmark",
         type=Path,
         nargs="+",
-        required=True,
-        help="InsightFace .bin files, synthetic held-out sets, 'label path0 path1' pair lists or IJB-style directories",
+        metavar="FILE_OR_DIR",
+        help="InsightFace .bin files, synthetic held-out sets, 'label path0 path1' pair lists or IJB-style directories "
+        "(default: the run's own eval.benchmarks, from the config stored in the checkpoint)",
     )
-    parser.add_argument("--nproc", type=int, default=1, help="local processes to split the images over (default 1)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per forward pass and rank (default 128)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument(
-        "--workers", type=int, default=0, help="image-decoding processes per rank, worth it for IJB (default 0: in-line)"
+        "--nproc", type=int, default=1, metavar="N", help="local processes to split the images over (default 1)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, metavar="N", help="images per forward pass and rank (default 128)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), help="where the backbone runs (default: cuda when torch sees a GPU, else cpu)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="image-decoding processes per rank, worth it for IJB (default 0: in-line)",
     )
     parser.add_argument(
         "--flip",
         choices=FLIP_MODES,
-        default="sum",
+        default=None,
         help="flip-test fusion, f the backbone: sum = f(image) + f(mirror image); "
         "concat = [f(image), f(mirror image)], twice the width, as in the SphereFace LFW protocol; "
-        "none = f(image) (default sum)",
+        "none = f(image) (default: the run's eval.flip as the checkpoint records it, else sum)",
     )
-    parser.add_argument("--out", type=Path, help="output folder (default RUN_DIR/eval/<checkpoint> or eval/<checkpoint>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder for results.json and roc.png (default: RUN_DIR/eval/step_N for a checkpoint of a run, "
+        "else eval/NAME beside the checkpoint file)",
+    )
     return parser
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    """Fill in what the arguments leave to the checkpoint: its file, benchmarks and output folder.
+
+    The checkpoint is read here, so that a bad one fails once, before any rank starts.
+    """
+    if args.run is not None:
+        args.checkpoint = newest_checkpoint(args.run)
+        print(f"evaluating {args.checkpoint}", file=sys.stderr)
+    args.checkpoint = checkpoint_file(args.checkpoint)
+    checkpoint = read_checkpoint(args.checkpoint)
+    config = checkpoint.get("config")
+    if args.flip is None:  # the run's own flip test, so that its numbers reproduce
+        stored_flip = config.get("eval", {}).get("flip") if isinstance(config, dict) else None
+        args.flip = stored_flip if stored_flip in FLIP_MODES else "sum"
+    if args.benchmark is None:
+        stored = config.get("eval", {}).get("benchmarks") if isinstance(config, dict) else None
+        if not stored:
+            raise ValueError(
+                f"no --benchmark given, and {args.checkpoint} records no eval.benchmarks of its run to use instead; "
+                "pass --benchmark FILE_OR_DIR..."
+            )
+        args.benchmark = [Path(path) for path in stored]
+        for path in args.benchmark:
+            if not path.exists():
+                raise ValueError(
+                    f"benchmark {path} (the run's eval.benchmarks, stored in {args.checkpoint}) does not exist from "
+                    f"{Path.cwd()}; pass --benchmark with where it is now"
+                )
+        print(f"benchmarks from the run's eval.benchmarks: {' '.join(map(str, args.benchmark))}", file=sys.stderr)
+    if args.out is None:
+        run = run_of_checkpoint(args.checkpoint)
+        base = run / "eval" if run is not None else args.checkpoint.parent / "eval"
+        args.out = base / checkpoint_name(args.checkpoint)
+
+
+def roc_title(path: Path, checkpoint: dict, flip: str) -> str:
+    """What roc.png is of: "run NAME, step N, flip MODE" (the checkpoint's name where it is not in a run)."""
+    run, step = run_of_checkpoint(path), checkpoint_step(checkpoint)
+    parts = [f"run {run.name}" if run is not None else checkpoint_name(path)]
+    if step is not None:
+        parts.append(f"step {step}")
+    elif run is not None:
+        parts.append(checkpoint_name(path))
+    return ", ".join([*parts, f"flip {flip}"])
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -74,8 +162,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     uses_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     if uses_cuda and args.nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {args.nproc} needs as many GPUs; {torch.cuda.device_count()} are visible")
-    read_checkpoint(args.checkpoint)  # a bad checkpoint or a missing registry fails here, once
-    backbone_factory()
+    backbone_factory()  # a missing registry fails here, once
 
 
 def evaluate_checkpoint(args: argparse.Namespace) -> None:
@@ -85,15 +172,18 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         checkpoint = read_checkpoint(args.checkpoint)
         model = build_backbone(checkpoint, device, source=str(args.checkpoint))
         options = ExtractOptions(batch_size=args.batch_size, flip=args.flip, device=device, num_workers=args.workers)
+        size = checkpoint_image_size(checkpoint)  # a benchmark of another size fails on its first image
         results = []
         for path in args.benchmark:
             if info.is_main:
                 print(f"evaluating {path} on {info.world_size} rank(s) ...", file=sys.stderr, flush=True)
-            results.append(evaluate_benchmark(model, path, options))
+            prepared = prepare_benchmark(path, info.rank, info.world_size, None if size is None else (size, size))
+            results.append(evaluate_prepared(model, prepared, options))
         if info.is_main:
             print(format_table(results))
             context = {
                 "checkpoint": str(args.checkpoint),
+                "step": checkpoint_step(checkpoint),
                 "backbone": checkpoint["backbone"],
                 "flip": options.flip,
                 "world_size": info.world_size,
@@ -101,7 +191,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
                 "machine": machine_description(),
                 "sf2dist_version": __version__,
             }
-            json_path, roc_path = write_results(results, args.out, context)
+            title = roc_title(args.checkpoint, checkpoint, options.flip)
+            json_path, roc_path = write_results(results, args.out, context, title)
             print(f"wrote {json_path} and {roc_path}")
     finally:
         parallel.shutdown()
@@ -133,12 +224,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        if args.run is not None:
-            args.checkpoint = newest_checkpoint(args.run)
-            print(f"evaluating {args.checkpoint}", file=sys.stderr)
-        if args.out is None:
-            base = args.run / "eval" if args.run is not None else Path("eval")
-            args.out = base / (args.checkpoint.parent.name if args.checkpoint.name == "model.pt" else args.checkpoint.stem)
+        _resolve(args)
         _check_arguments(args)
         launched = parallel.discover()
         if launched.world_size > 1:  # under torchrun or srun: this process is one rank
@@ -150,6 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             evaluate_checkpoint(args)
     except ValueError as err:
-        raise SystemExit(f"sf2dist-eval: {err}") from None
+        print(f"sf2dist-eval: {' '.join(str(err).split())}", file=sys.stderr)  # one line, whatever raised it
+        raise SystemExit(2) from None
     except mp.ProcessExitedException as err:
         raise SystemExit(f"sf2dist-eval: a rank failed ({err}); its message is above") from None
+
+
+if __name__ == "__main__":
+    main()
