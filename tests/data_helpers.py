@@ -1,6 +1,6 @@
 """Test-only writers for the data tests: InsightFace RecordIO files and tiny JPEG faces.
 
-The RecordIO writer follows the format description in DESIGN.md: a payload that contains
+The RecordIO writer follows the format description in docs/design.md: a payload that contains
 the magic at a 4-byte aligned position is split there into parts flagged 1/2/3, the magic
 itself dropped (the reader re-inserts it).
 """

@@ -1,4 +1,4 @@
-"""Single-process dense references for the sharded heads, written from DESIGN.md's formulas.
+"""Single-process dense references for the sharded heads, written from docs/design.md's formulas.
 
 Straightforward autograd over the full [N, C] cosine matrix, independent of the heads'
 code paths; the heads are tested against these on 1, 2 and 3 ranks.

@@ -4,7 +4,7 @@ On 1, 2 and 3 ranks, in float64: loss, embedding, weight and bias gradients (aft
 of 0.37 * loss), the renormalised rows and the collectives of the step, for all SphereFace2
 margins, both softmax margins, with and without class sampling, at chunk sizes that divide
 the shards and that do not (tests/head_cases.py). The dense parity tests
-(tests/test_heads_parity.py) already pin the default (fused) heads to DESIGN.md's formulas.
+(tests/test_heads_parity.py) already pin the default (fused) heads to docs/design.md's formulas.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from tests.head_cases import AllocationTracker
 
 NUM_CLASSES, DIM, BATCH, CHUNK = 512, 512, 128, 96
 SF2_TERMS = dict(alpha=0.8, r=64.0, m=0.5, t=3.0, margin="C", loss_weight=10.0)
-# App. G's bias for MS1MV3's 85,742 classes (DESIGN.md: about 6.03), lowered by 5 so that, at
+# App. G's bias for MS1MV3's 85,742 classes (docs/design.md: about 6.03), lowered by 5 so that, at
 # this small batch, negative rows' gradient entries are about 1e-7, as at MS1MV3's scale.
 SF2_BIAS = initial_bias(85_742, 0.8, 64.0, 0.5, 3.0, "C") - 5.0
 FP16_SUBNORMAL = 2.0**-24

@@ -1,7 +1,7 @@
 """InsightFace RecordIO (.rec + .idx) reading, without mxnet.
 
 This module owns the byte layout of the RecordIO files that MS1MV2/MS1MV3, Glint360K and
-WebFace42M ship as (DESIGN.md, "Formats"):
+WebFace42M ship as (docs/design.md, "File formats"):
 
 - the .rec file is a sequence of records: uint32 magic 0xced7230a, uint32 `lrec`
   (payload length in the low 29 bits, continuation flag in the top 3), the payload, and

@@ -1,6 +1,6 @@
 """The training shard format: webdataset tars, their sample index, and manifest.json.
 
-A shard directory holds (DESIGN.md, "Formats"):
+A shard directory holds (docs/design.md, "File formats"):
 
 - `shard-NNNNNN.tar`: webdataset tars; sample `KEY` is the members `KEY.cls` (decimal
   identity id, ASCII) and `KEY.jpg` (encoded image, written byte-for-byte as given);

@@ -1,7 +1,7 @@
 """Verification pair sets from disk: InsightFace `.bin` files and `label path0 path1` pair lists.
 
 A `.bin` file is a pickle of `(list of encoded images, list of bools)`; pair i is images 2i
-and 2i+1 (DESIGN.md, Formats). Loading a pickle can run any function it names, so these
+and 2i+1 (docs/design.md, "File formats"). Loading a pickle can run any function it names, so these
 files go through `SafeUnpickler`, which admits only the globals such files are made of:
 
 - `_codecs.encode(text, "latin1")`: how Python 3 writes `bytes` at pickle protocol 2;

@@ -1,7 +1,7 @@
 """Embeddings of a sequence of face images, with flip-test fusion, optionally across ranks.
 
 The flip-test fusion (`FLIP_MODES`) says what the embedding of an image x is: "sum",
-f(x) + f(flip(x)) (DESIGN.md, the default); "concat", [f(x), f(flip(x))], twice the
+f(x) + f(flip(x)) (docs/design.md, the default); "concat", [f(x), f(flip(x))], twice the
 backbone's width (the SphereFace LFW protocol; verification L2-normalises the whole vector);
 "none", f(x). f is the backbone and flip the horizontal mirror. Pixels are prepared by
 `sf2dist.imageio.to_tensor`, as in training. With a process group, rank r embeds the

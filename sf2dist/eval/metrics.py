@@ -2,7 +2,7 @@
 
 Conventions, so that every figure here can be checked by hand:
 
-- 10-fold accuracy (the LFW protocol, DESIGN.md): the pairs are split into `folds` folds in
+- 10-fold accuracy (the LFW protocol, docs/design.md): the pairs are split into `folds` folds in
   order, the first `n % folds` one pair larger. A pair is predicted "same" when the squared
   L2 distance of its L2-normalised embeddings is *below* the threshold; the thresholds are
   `np.arange(0, 4, 0.01)`. For each fold, the threshold with the most correct predictions on

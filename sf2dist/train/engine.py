@@ -1,7 +1,7 @@
 """The backbone's data-parallel engine: DDP by default, DeepSpeed ZeRO as a config switch.
 
 An engine owns the replicated backbone and its optimiser; the sharded head never enters it,
-so its rows are never all-reduced or averaged (DESIGN.md, gradient contract). The trainer
+so its rows are never all-reduced or averaged (docs/design.md, "Conventions": the gradient contract). The trainer
 drives every engine through the same few calls:
 
     embeddings = engine(images)              # forward, in the engine's precision context
