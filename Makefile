@@ -60,8 +60,9 @@ demo-data: install
 bench-data: install
 	$(PY) launch/bench_data.py --out docs/benchmarks.md
 
-# Classifier-layer images/s against world size, SphereFace2 beside the softmax baselines;
-# writes runs/scaling-bench/ (CSV, JSON, PNG) and the table into docs/benchmarks.md.
+# Classifier-layer images/s against world size, SphereFace2 beside the softmax baselines, timed
+# in interleaved rounds (ratios with their spread); writes runs/scaling-bench/ (CSV, JSON, PNG)
+# and the tables into docs/benchmarks.md. About 8 minutes on 2 cores.
 scaling-bench: install
 	$(PY) launch/scaling_bench.py --docs docs/benchmarks.md $(SCALING_ARGS)
 

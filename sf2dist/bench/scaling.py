@@ -7,13 +7,25 @@ so each rank holds C/W of them while the gathered batch grows to W * batch_per_r
 per rank stays constant and ideal scaling is linear in W. What differs between methods is
 what they communicate, which is recorded per step from `sf2dist.comm`.
 
-Per point: median step time over the timed steps (the slowest rank's), images/s, peak memory
-per rank, collective calls/bytes/time per step, and the head efficiency: step time divided by
-the time of the step's three matrix multiplies alone at the same shapes.
+Interleaved rounds: every method's head is built at once, and each round runs one step of
+every method, in an order that changes from round to round (`round_order`, a balanced Latin
+square derived from the round index, so all ranks agree without talking), each step behind a
+barrier so that every rank times the same step of the same method. Whatever the machine does
+for a while (another job, a frequency change) then falls on all methods alike, and a ratio
+between two methods is taken round by round: the figure is the median of the per-round
+ratios, with its interquartile range and a bootstrap 90 % interval (`summarize_ratios`).
+
+Per point: the slowest rank's step time per round (median and IQR over rounds), images/s,
+collective calls/bytes/time per step, and the head efficiency: the median over rounds of the
+step time over the time of the step's three matrix multiplies alone at the same shapes,
+timed in the same round. Peak memory per rank is measured apart, one method at a time
+(`measure_point`: in fresh processes on CPU, before the rounds on CUDA), so that holding
+several heads does not distort it.
 
 `project()` extends the curve past the ranks at hand from per-rank compute measured at the
-shard sizes C/W plus a latency/bandwidth model of each collective; such points are labelled
-"projected" in every output.
+shard sizes C/W (also in interleaved rounds) plus a latency/bandwidth model of each
+collective, with the link given by a named preset (`LINK_PRESETS`), by numbers, or fitted to
+the collectives the run timed (`fit_link`); such points are labelled "projected" everywhere.
 """
 from __future__ import annotations
 
@@ -23,10 +35,11 @@ import os
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from sf2dist import comm
@@ -39,10 +52,12 @@ METHODS = ("sphereface2", "sphereface2_fstep", "softmax", "sphereface", "partial
 MEMORY_METHODS = ("sphereface2", "sphereface2_fstep", "sphereface2_fstep_bf16")
 COLUMNS = (
     "method", "world_size", "kind", "device", "backend", "num_classes", "classes_per_rank",
-    "batch_per_rank", "global_batch", "embedding_dim", "step_ms", "images_per_s",
-    "scaling_efficiency", "matmul_ms", "head_efficiency", "peak_mem_mib", "comm_calls",
+    "batch_per_rank", "global_batch", "embedding_dim", "rounds", "step_ms", "step_ms_q1", "step_ms_q3",
+    "images_per_s", "scaling_efficiency", "matmul_ms", "head_efficiency", "peak_mem_mib", "comm_calls",
     "comm_mib", "comm_ms", "all_reduce_calls", "largest_all_reduce_bytes",
 )
+# the spread stated with every ratio: a bootstrap interval of the median at this level
+INTERVAL_LEVEL = 0.9
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,8 @@ class BenchSettings:
     num_classes: int
     embedding_dim: int = 512
     batch_per_rank: int = 128
-    warmup: int = 3
-    steps: int = 10
+    warmup: int = 2  # untimed rounds (one step of every method each) before the timed ones
+    steps: int = 12  # timed rounds
     threads_per_rank: int = 1  # CPU ranks: one core each, the analogue of one GPU each
     compile_elementwise: bool | None = None  # the heads' choice (None: compiled on CUDA with Triton)
 
@@ -114,6 +129,89 @@ def make_head(method: str, settings: BenchSettings, group=None) -> ShardedHead:
                          process_group=group, compile_elementwise=settings.compile_elementwise)
 
 
+def head_state_bytes(methods: list[str], num_classes: int, embedding_dim: int) -> int:
+    """Weights + momentum of every method's head over all shards: what interleaved rounds hold at once."""
+    return sum(2 * num_classes * embedding_dim * (2 if parse_method(m).bf16_storage else 4) for m in methods)
+
+
+# ---------------------------------------------------------------------------- rounds: order and statistics
+
+
+def round_order(num_methods: int, round_index: int) -> list[int]:
+    """The order (method indices) in which round `round_index` runs one step of each method.
+
+    A balanced Latin square (Williams design): row k is 0, 1, M-1, 2, M-2, ... shifted by k,
+    so the first method rotates through all of them; for odd M the mirrored rows follow. Over a
+    full period (M rounds, 2M for odd M) every method holds every position equally often and
+    follows every other method equally often, so neither a position in the round nor the method
+    run just before favours one of them. A function of the round index alone: every rank
+    derives the same order.
+    """
+    if num_methods < 1 or round_index < 0:
+        raise ValueError(f"need num_methods >= 1 and round_index >= 0, got {num_methods} and {round_index}")
+    base = [0] + [(j + 1) // 2 if j % 2 else num_methods - j // 2 for j in range(1, num_methods)]
+    period = num_methods if num_methods % 2 == 0 else 2 * num_methods
+    row = round_index % period
+    order = [(b + row) % num_methods for b in base]
+    if row >= num_methods:  # odd M: the mirrored half
+        order = [(b + row - num_methods) % num_methods for b in base][::-1]
+    return order
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile), linear interpolation between order statistics."""
+    q1, median, q3 = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
+    return float(q1), float(median), float(q3)
+
+
+def bootstrap_median_interval(values, level: float = INTERVAL_LEVEL, resamples: int = 5000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of `values` (rounds resampled with replacement)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("a bootstrap interval needs at least one value")
+    rng = np.random.default_rng(seed)
+    medians = np.median(values[rng.integers(0, values.size, size=(resamples, values.size))], axis=1)
+    tail = (1.0 - level) / 2
+    low, high = np.quantile(medians, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def round_ratios(numerator_step_ms, denominator_step_ms) -> list[float]:
+    """images/s of the numerator over images/s of the denominator, round by round (same batch,
+    so the denominator's step time over the numerator's)."""
+    if len(numerator_step_ms) != len(denominator_step_ms):
+        raise ValueError(f"the two methods have {len(numerator_step_ms)} and {len(denominator_step_ms)} rounds; "
+                         "a per-round ratio needs them timed in the same rounds")
+    return [d / n for n, d in zip(numerator_step_ms, denominator_step_ms)]
+
+
+class RatioSummary(NamedTuple):
+    median: float  # of the per-round ratios
+    q1: float
+    q3: float
+    low: float  # bootstrap interval of the median at INTERVAL_LEVEL
+    high: float
+    rounds: int
+
+    @property
+    def distinguishable(self) -> bool:
+        """The interval excludes 1.0."""
+        return self.low > 1.0 or self.high < 1.0
+
+    def verdict(self) -> str:
+        return "distinguishable from 1.0" if self.distinguishable else "not distinguishable from 1.0 at this spread"
+
+
+def summarize_ratios(ratios, seed: int = 0) -> RatioSummary:
+    q1, median, q3 = quartiles(ratios)
+    low, high = bootstrap_median_interval(ratios, seed=seed)
+    return RatioSummary(median, q1, q3, low, high, len(ratios))
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -134,103 +232,240 @@ def _reset_peak_memory(device: torch.device) -> int:
 
 def _peak_memory(device: torch.device, baseline: int) -> int:
     """CUDA: peak allocated bytes since the reset. CPU: peak RSS of this process above baseline
-    (each benchmark point runs in fresh processes, so the peak belongs to that point)."""
+    (valid in a fresh process only, which is how `measure_point` is run for memory)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - baseline
     return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
 
 
-def _time_steps(method, head, settings, device, num_steps, barrier=True):
-    """Median step seconds, the collectives of one step, and the matmul columns of the head."""
-    rank, _ = comm.rank_and_world(head.process_group)
+class _MatmulFloor:
+    """The three matmuls of a step, cos = E W^T, dE = G W, dW = G^T E, at [rows, columns]; the
+    buffers are allocated once at the most columns and viewed contiguously at fewer."""
+
+    def __init__(self, rows: int, max_columns: int, dim: int, device: torch.device) -> None:
+        self.rows, self.device = rows, device
+        self.embeddings = torch.randn(rows, dim, device=device)
+        self.weight = torch.randn(max_columns, dim, device=device)
+        self.grad = torch.randn(rows * max_columns, device=device)
+
+    def seconds(self, columns: int) -> float:
+        weight = self.weight[:columns]
+        grad = self.grad[: self.rows * columns].view(self.rows, columns)
+        _sync(self.device)
+        start = time.perf_counter()
+        self.embeddings @ weight.t()
+        grad @ weight
+        grad.t() @ self.embeddings
+        _sync(self.device)
+        return time.perf_counter() - start
+
+
+def _columns(head: ShardedHead) -> int:
+    """Class columns of the head's last step (sampled heads use fewer than they hold)."""
+    if isinstance(head, PartialFCHead):
+        return head.last_sampled_classes.numel()
+    if head.sample_rate < 1.0:
+        return head.last_sampled_rows.numel()
+    return head.num_local_classes
+
+
+def _timed_step(head: ShardedHead, optimizer, embeddings: torch.Tensor, labels: torch.Tensor,
+                device: torch.device) -> float:
+    """Seconds of one training step of the head: forward, backward, optimizer step; its
+    collectives are left in `comm.stats`."""
+    comm.stats.reset()
+    _sync(device)
+    start = time.perf_counter()
+    head(embeddings, labels).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    embeddings.grad = None
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_rounds(heads: dict[str, ShardedHead], settings: BenchSettings, device: torch.device, *,
+                barrier: bool = True, floors: bool = True) -> dict:
+    """Time `settings.warmup` + `settings.steps` interleaved rounds of every head in `heads`.
+
+    Each round runs one step (forward, backward, SGD with momentum as training does) of every
+    method in `round_order`, all on the same labels; with `barrier`, every step (and its
+    matmul floor) starts behind a barrier, so the ranks time the same step of the same method.
+    With `floors`, the step's three matmuls at its shapes are timed right after it (once a round
+    for the methods over all classes, whose shapes are the same).
+    Returns {"schedule": [(round, method), ...] of the timed steps, "methods": {method: {
+    "step_s", "floor_s", "comm_s": per timed round (the slowest rank's), "comm": the last
+    step's collectives, "largest_all_reduce": bytes}}}.
+    """
+    methods = list(heads)
+    group = heads[methods[0]].process_group
+    rank, world = comm.rank_and_world(group)
     generator = torch.Generator().manual_seed(1234 + rank)
     embeddings = torch.randn(settings.batch_per_rank, settings.embedding_dim, generator=generator)
     embeddings = embeddings.to(device).requires_grad_(True)
     label_batches = [torch.randint(0, settings.num_classes, (settings.batch_per_rank,), generator=generator).to(device)
                      for _ in range(4)]
     # what training uses: SGD with momentum (row-sparse when sampled, in the forward for _fstep)
-    optimizer = make_head_sgd(head, head.parameters(), lr=0.01, momentum=0.9, fused_step=parse_method(method).fused_step)
-    times, step_stats, columns = [], [], head.num_local_classes
-    for step in range(settings.warmup + num_steps):
-        if barrier:
-            comm.barrier(head.process_group)
-        comm.stats.reset()
-        _sync(device)
-        start = time.perf_counter()
-        loss = head(embeddings, label_batches[step % len(label_batches)])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        embeddings.grad = None
-        _sync(device)
-        if step >= settings.warmup:
-            times.append(time.perf_counter() - start)
-            step_stats.append(comm.stats.snapshot())
-            if isinstance(head, PartialFCHead):
-                columns = head.last_sampled_classes.numel()
-            elif head.sample_rate < 1.0:
-                columns = head.last_sampled_rows.numel()
-    return statistics.median(times), step_stats, columns
+    optimizers = {m: make_head_sgd(h, h.parameters(), lr=0.01, momentum=0.9, fused_step=parse_method(m).fused_step)
+                  for m, h in heads.items()}
+    floor = None
+    if floors:
+        floor = _MatmulFloor(world * settings.batch_per_rank, max(h.num_local_classes for h in heads.values()),
+                             settings.embedding_dim, device)
+    times = torch.zeros(settings.steps, len(methods), 3, dtype=torch.float64)  # step, floor, comm seconds
+    last_comm, largest, schedule = {}, dict.fromkeys(methods, 0), []
+    for round_index in range(settings.warmup + settings.steps):
+        timed = round_index - settings.warmup
+        labels = label_batches[round_index % len(label_batches)]
+        round_floors: dict[str, float] = {}
+        for index in round_order(len(methods), round_index):
+            method = methods[index]
+            if barrier:
+                comm.barrier(group)
+            step_s = _timed_step(heads[method], optimizers[method], embeddings, labels, device)
+            step_comm, step_log = comm.stats.snapshot(), list(comm.stats.log)
+            # the methods over all classes share their floor's shapes: timed once a round, after the first
+            # of them; a key that is the same on every rank, so that all ranks meet at the same barriers
+            floor_key = method if parse_method(method).sample_rate < 1.0 else "all classes"
+            if floor is not None and floor_key not in round_floors:
+                if barrier:
+                    comm.barrier(group)
+                round_floors[floor_key] = floor.seconds(_columns(heads[method]))
+            floor_s = round_floors.get(floor_key, 0.0)
+            if timed < 0:
+                continue
+            comm_s = sum(kind["seconds"] for kind in step_comm.values())
+            times[timed, index] = torch.tensor([step_s, floor_s, comm_s], dtype=torch.float64)
+            last_comm[method] = step_comm
+            largest[method] = max([largest[method]] + [n for kind, n in step_log if kind == "all_reduce"])
+            schedule.append((timed, method))
+    if world > 1:  # the slowest rank sets the pace of every step: keep the largest time per round
+        times = comm.all_gather_variable(times.reshape(1, -1).to(device), group).max(dim=0).values
+        times = times.cpu().reshape(settings.steps, len(methods), 3)
+    return {"schedule": schedule, "methods": {
+        m: {"step_s": times[:, i, 0].tolist(), "floor_s": times[:, i, 1].tolist(), "comm_s": times[:, i, 2].tolist(),
+            "comm": last_comm[m], "largest_all_reduce": largest[m]}
+        for i, m in enumerate(methods)}}
 
 
-def matmul_floor_seconds(rows: int, columns: int, dim: int, steps: int, device: torch.device) -> float:
-    """Median time of a step's three matmuls at these shapes: cos = E W^T, dE = G W, dW = G^T E."""
-    embeddings = torch.randn(rows, dim, device=device)
-    weight = torch.randn(columns, dim, device=device)
-    grad = torch.randn(rows, columns, device=device)
-    times = []
-    for _ in range(steps + 1):
-        _sync(device)
-        start = time.perf_counter()
-        embeddings @ weight.t()
-        grad @ weight
-        grad.t() @ embeddings
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _measured_point(method: str, world: int, settings: BenchSettings, device: torch.device, timed: dict,
+                    peak_bytes: float | None) -> dict:
+    last = timed["comm"]
+    return _point(
+        method, world, "measured", settings, device, round_step_s=timed["step_s"], round_floor_s=timed["floor_s"],
+        peak_bytes=peak_bytes, comm_calls=sum(int(k["calls"]) for k in last.values()),
+        comm_bytes=sum(int(k["bytes"]) for k in last.values()), comm_s=statistics.median(timed["comm_s"]),
+        all_reduce_calls=int(last.get("all_reduce", {}).get("calls", 0)),
+        largest_all_reduce=timed["largest_all_reduce"],
+    )
+
+
+def measure_world(methods: list[str], settings: BenchSettings, device: torch.device) -> dict:
+    """Every method at this world size in interleaved rounds; every rank of the default group calls this.
+
+    Peak memory: on CUDA each method is first measured alone (`measure_point`, exact within one
+    process); on CPU the points' peak stays None, as only a fresh process measures its own RSS.
+    Returns {"points": one per method, "collectives": the collectives `time_collectives` timed
+    afterwards (W > 1), for `fit_link`, "schedule": the timed steps in order}.
+    """
+    _, world = comm.rank_and_world()
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads_per_rank)
+    peaks = {}
+    if device.type == "cuda":
+        memory_settings = replace(settings, warmup=1, steps=1)
+        peaks = {m: measure_point(m, memory_settings, device)["peak_mem_mib"] * 2**20 for m in methods}
+    heads = {method: make_head(method, settings).to(device) for method in methods}
+    timed = time_rounds(heads, settings, device)
+    points = [_measured_point(m, world, settings, device, timed["methods"][m], peaks.get(m)) for m in methods]
+    del heads
+    samples = time_collectives(device) if world > 1 else []
+    return {"points": points, "collectives": samples, "schedule": timed["schedule"]}
 
 
 def measure_point(method: str, settings: BenchSettings, device: torch.device) -> dict:
-    """Measure one (method, world size) point; every rank of the default group calls this."""
-    rank, world = comm.rank_and_world()
+    """One method alone at this world size, with its peak memory per rank; every rank calls this.
+
+    Run in fresh processes on CPU (the peak RSS is the process's own since it started). The
+    matmul floors are timed after the steps and the memory reading, so their buffers stay out
+    of the peak; the head efficiency pairs step i with floor run i.
+    """
+    _, world = comm.rank_and_world()
     if device.type == "cpu":
         torch.set_num_threads(settings.threads_per_rank)
     baseline = _reset_peak_memory(device)
     head = make_head(method, settings).to(device)
-    step_s, step_stats, columns = _time_steps(method, head, settings, device, settings.steps)
-    peak = _peak_memory(device, baseline)
-    global_batch = world * settings.batch_per_rank
-    floor_s = matmul_floor_seconds(global_batch, columns, settings.embedding_dim, settings.steps, device)
-    comm_s = statistics.mean(sum(kind["seconds"] for kind in s.values()) for s in step_stats)
-    # The slowest rank sets the pace: gather each rank's figures and keep the largest.
-    local = torch.tensor([[step_s, floor_s, float(peak), comm_s]], dtype=torch.float64, device=device)
-    step_s, floor_s, peak, comm_s = comm.all_gather_variable(local).max(dim=0).values.tolist()
-    last = step_stats[-1]
-    return _point(
-        method, world, "measured", settings, device, step_s=step_s, floor_s=floor_s, peak_bytes=peak,
-        comm_calls=sum(int(k["calls"]) for k in last.values()),
-        comm_bytes=sum(int(k["bytes"]) for k in last.values()), comm_s=comm_s,
-        all_reduce_calls=int(last.get("all_reduce", {}).get("calls", 0)),
-        largest_all_reduce=max((n for kind, n in comm.stats.log if kind == "all_reduce"), default=0),
-    )
+    timed = time_rounds({method: head}, settings, device, floors=False)["methods"][method]
+    peak = float(_peak_memory(device, baseline))
+    columns = _columns(head)
+    floor = _MatmulFloor(world * settings.batch_per_rank, columns, settings.embedding_dim, device)
+    floor.seconds(columns)  # warm-up
+    floor_s = torch.tensor([floor.seconds(columns) for _ in range(settings.steps)], dtype=torch.float64)
+    floor_s = comm.all_gather_variable(floor_s.reshape(1, -1).to(device)).max(dim=0).values.tolist()
+    peak = comm.all_gather_variable(torch.tensor([[peak]], dtype=torch.float64, device=device)).max().item()
+    return _measured_point(method, world, settings, device, dict(timed, floor_s=floor_s), peak)
 
 
-def _point(method, world, kind, settings, device, *, step_s, floor_s, peak_bytes, comm_calls,
+# collective sizes `time_collectives` times: 4 B to 4 MiB, every factor of 16
+PROBE_BYTES = tuple(4 * 16**k for k in range(6))
+
+
+def time_collectives(device: torch.device, sizes: tuple[int, ...] = PROBE_BYTES, repeats: int = 5) -> list[dict]:
+    """Time all-reduces and all-gathers of each size through `sf2dist.comm` (each behind a barrier);
+    returns one {"kind", "bytes", "world", "seconds"} per size and kind: the median of `repeats`."""
+    _, world = comm.rank_and_world()
+    samples, synced = [], comm.stats.sync_cuda_for_timing
+    comm.stats.sync_cuda_for_timing = True  # a CUDA collective's time, not its launch's
+    for nbytes in sizes:
+        for kind in ("all_reduce", "all_gather"):
+            numel = max(1, nbytes // 4 // (world if kind == "all_gather" else 1))
+            tensor = torch.ones(numel, device=device)
+            seconds, recorded = [], 0
+            for _ in range(repeats + 1):
+                comm.barrier()
+                comm.stats.reset()
+                if kind == "all_reduce":
+                    comm.all_reduce(tensor)
+                else:
+                    comm.all_gather(tensor, [numel] * world)
+                record = comm.stats.snapshot()[kind]
+                seconds.append(record["seconds"])
+                recorded = int(record["bytes"])
+            samples.append({"kind": kind, "bytes": recorded, "world": world,
+                            "seconds": statistics.median(seconds[1:])})
+    comm.stats.sync_cuda_for_timing = synced
+    # every rank timed its own calls; the slowest rank's figure is what a step waits for
+    local = torch.tensor([[s["seconds"] for s in samples]], dtype=torch.float64, device=device)
+    for sample, seconds in zip(samples, comm.all_gather_variable(local).max(dim=0).values.tolist()):
+        sample["seconds"] = seconds
+    return samples
+
+
+def _point(method, world, kind, settings, device, *, round_step_s, round_floor_s, peak_bytes, comm_calls,
            comm_bytes, comm_s, all_reduce_calls, largest_all_reduce) -> dict:
     start, stop = class_range(settings.num_classes, 0, world)
     backend = "none" if world == 1 else ("nccl" if device.type == "cuda" else "gloo")
-    global_batch = world * settings.batch_per_rank
-    return {
+    point = {
         "method": method, "world_size": world, "kind": kind, "device": _device_name(device),
         "backend": backend if kind == "measured" else "model", "num_classes": settings.num_classes,
         "classes_per_rank": stop - start, "batch_per_rank": settings.batch_per_rank,
-        "global_batch": global_batch, "embedding_dim": settings.embedding_dim,
-        "step_ms": 1e3 * step_s, "images_per_s": global_batch / step_s, "scaling_efficiency": None,
-        "matmul_ms": 1e3 * floor_s, "head_efficiency": step_s / floor_s,
-        "peak_mem_mib": None if peak_bytes is None else peak_bytes / 2**20,
+        "global_batch": world * settings.batch_per_rank, "embedding_dim": settings.embedding_dim,
+        "scaling_efficiency": None, "peak_mem_mib": None if peak_bytes is None else peak_bytes / 2**20,
         "comm_calls": comm_calls, "comm_mib": comm_bytes / 2**20, "comm_ms": 1e3 * comm_s,
         "all_reduce_calls": all_reduce_calls, "largest_all_reduce_bytes": largest_all_reduce,
+        "round_step_ms": [1e3 * s for s in round_step_s], "round_floor_ms": [1e3 * s for s in round_floor_s],
     }
+    return summarize_point(point)
+
+
+def summarize_point(point: dict) -> dict:
+    """Fill a point's summary columns from its per-round step and floor times (in place; returns it)."""
+    q1, median, q3 = quartiles(point["round_step_ms"])
+    point.update(rounds=len(point["round_step_ms"]), step_ms=median, step_ms_q1=q1, step_ms_q3=q3,
+                 images_per_s=1e3 * point["global_batch"] / median,
+                 matmul_ms=statistics.median(point["round_floor_ms"]),
+                 head_efficiency=statistics.median(s / f for s, f in zip(point["round_step_ms"], point["round_floor_ms"])))
+    return point
 
 
 def _device_name(device: torch.device) -> str:
@@ -239,12 +474,27 @@ def _device_name(device: torch.device) -> str:
     return f"cpu x{torch.get_num_threads()} thread(s)"
 
 
+def merge_runs(runs: list[list[dict]]) -> list[dict]:
+    """One point per (method, world size, kind) with the rounds of every run pooled (in run order,
+    so per-round pairs between methods stay paired); memory and collectives from the first run."""
+    merged: dict[tuple, dict] = {}
+    for points in runs:
+        for p in points:
+            key = (p["method"], p["world_size"], p["kind"])
+            if key not in merged:
+                merged[key] = dict(p, round_step_ms=list(p["round_step_ms"]), round_floor_ms=list(p["round_floor_ms"]))
+            else:
+                merged[key]["round_step_ms"] += p["round_step_ms"]
+                merged[key]["round_floor_ms"] += p["round_floor_ms"]
+    return [summarize_point(p) for p in merged.values()]
+
+
 # ---------------------------------------------------------------------------- projection
 
 
 @dataclass(frozen=True)
 class Link:
-    """Per-rank link of a ring collective: bandwidth in GB/s, latency per hop in microseconds."""
+    """Per-rank link of a ring collective: bandwidth in GB/s (one direction), latency per hop in microseconds."""
 
     bandwidth_gbs: float
     latency_us: float
@@ -254,8 +504,105 @@ class Link:
         an all-reduce twice; each of the W-1 (or 2(W-1)) hops pays the latency."""
         if world == 1:
             return 0.0
-        hops = 2 * (world - 1) if kind == "all_reduce" else world - 1
+        hops = _hops(kind, world)
         return hops * self.latency_us * 1e-6 + hops / world * nbytes / (self.bandwidth_gbs * 1e9)
+
+
+def _hops(kind: str, world: int) -> int:
+    return 2 * (world - 1) if kind == "all_reduce" else world - 1
+
+
+class LinkPreset(NamedTuple):
+    link: Link
+    source: str
+
+
+# Nominal figures from vendor specifications, not measurements: bandwidth is the line rate in one
+# direction per rank (real collectives reach less), latency an assumed round figure per ring hop
+# (no specification states one for a collective).
+LINK_PRESETS = {
+    "h100-nvlink": LinkPreset(Link(450.0, 2.0), "H100 SXM NVLink 4: 900 GB/s per GPU counting both directions "
+                                                "(NVIDIA H100 datasheet), so 450 GB/s each way"),
+    "a100-nvlink": LinkPreset(Link(300.0, 2.0), "A100 SXM NVLink 3: 600 GB/s per GPU counting both directions "
+                                                "(NVIDIA A100 datasheet), so 300 GB/s each way"),
+    "ib-hdr": LinkPreset(Link(25.0, 5.0), "InfiniBand HDR: 200 Gb/s per port, one port per GPU as in a DGX A100"),
+    "ib-ndr": LinkPreset(Link(50.0, 5.0), "InfiniBand NDR: 400 Gb/s per port, one port per GPU as in a DGX H100"),
+    "ethernet-100g": LinkPreset(Link(12.5, 20.0), "100 Gb Ethernet line rate, one port per rank, through a TCP stack "
+                                                  "(hence the higher latency)"),
+}
+MEASURED = "measured"  # the preset fitted to the collectives timed in the same run
+
+
+def preset_help() -> str:
+    """The presets, their numbers and sources, for --help."""
+    lines = [f"{name}: {p.link.bandwidth_gbs:g} GB/s, {p.link.latency_us:g} us ({p.source})"
+             for name, p in LINK_PRESETS.items()]
+    return "; ".join(lines) + (f"; {MEASURED}: latency and bandwidth fitted by least squares to the all-reduces and "
+                               "all-gathers this run timed at each measured world size above 1")
+
+
+def resolve_link(which: str, preset: str | None, bandwidth_gbs: float | None, latency_us: float | None,
+                 measured: Link | None = None) -> tuple[Link, str]:
+    """The link for one side of the projection (`which`: "intra" or "inter") and where its numbers came from.
+
+    A preset gives both numbers; `bandwidth_gbs` / `latency_us` (when given) replace its figure.
+    Without a preset both numbers are needed. `measured` is the link fitted to this run's collectives.
+    """
+    if preset is None:
+        if bandwidth_gbs is None or latency_us is None:
+            raise ValueError(f"--project needs the {which}-node link: --{which} with a preset "
+                             f"({', '.join([*LINK_PRESETS, MEASURED])}) or both --{which}-gbs and --{which}-latency-us")
+        base, source = Link(bandwidth_gbs, latency_us), "given on the command line"
+    elif preset == MEASURED:
+        if measured is None:
+            raise ValueError(f"--{which} {MEASURED}: this run timed no collectives to fit a link to; "
+                             "measure a world size above 1 (--world-sizes 1,2) or name a preset")
+        base, source = measured, "fitted to the collectives timed in this run"
+    elif preset in LINK_PRESETS:
+        base, source = LINK_PRESETS[preset].link, f"preset {preset}, nominal: {LINK_PRESETS[preset].source}"
+    else:
+        raise ValueError(f"--{which} {preset!r}: unknown link preset; expected one of "
+                         f"{', '.join([*LINK_PRESETS, MEASURED])}")
+    link = Link(base.bandwidth_gbs if bandwidth_gbs is None else bandwidth_gbs,
+                base.latency_us if latency_us is None else latency_us)
+    if link.bandwidth_gbs <= 0 or link.latency_us < 0:
+        raise ValueError(f"--{which}: need bandwidth > 0 GB/s and latency >= 0 us, got {link}")
+    if preset is not None and link != base:
+        source += " (overridden on the command line)"
+    return link, source
+
+
+def fit_link(samples: list[dict]) -> Link:
+    """Latency and bandwidth of the ring model (`Link.seconds`) fitted to timed collectives.
+
+    `samples`: {"kind", "bytes", "world", "seconds"} each, as `time_collectives` returns them.
+    Least squares on the relative error (the sizes span orders of magnitude), with both
+    parameters kept non-negative; a clear error when the samples cannot determine them.
+    """
+    usable = [s for s in samples if s["world"] > 1]
+    sizes = {s["bytes"] for s in usable}
+    if len(sizes) < 2:
+        raise ValueError(f"fitting a link needs collectives of at least 2 distinct sizes at a world size above 1; "
+                         f"this run timed {len(sizes)} ({len(samples)} collectives in all)")
+    per_hop = {n: statistics.median(s["seconds"] / _hops(s["kind"], s["world"]) for s in usable if s["bytes"] == n)
+               for n in (min(sizes), max(sizes))}
+    if per_hop[max(sizes)] <= per_hop[min(sizes)]:
+        raise ValueError(f"fitting a link: the timed collectives do not take longer as they grow ({min(sizes)} B: "
+                         f"{1e6 * per_hop[min(sizes)]:.1f} us per hop, {max(sizes)} B: {1e6 * per_hop[max(sizes)]:.1f} "
+                         "us), so no bandwidth can be fitted; name a preset instead")
+    hops = np.array([_hops(s["kind"], s["world"]) for s in usable], dtype=np.float64)
+    design = np.stack([hops * 1e-6, hops / np.array([s["world"] for s in usable]) *
+                       np.array([s["bytes"] for s in usable], dtype=np.float64) * 1e-9], axis=1)
+    seconds = np.array([s["seconds"] for s in usable], dtype=np.float64)
+    weighted, target = design / seconds[:, None], np.ones_like(seconds)  # relative residuals
+    latency_us, inverse_gbs = np.linalg.lstsq(weighted, target, rcond=None)[0]
+    if latency_us < 0:  # latency too small to see at these sizes: bandwidth alone
+        latency_us = 0.0
+        inverse_gbs = float(np.linalg.lstsq(weighted[:, 1:], target, rcond=None)[0][0])
+    if inverse_gbs <= 0:
+        raise ValueError(f"fitting a link: no positive bandwidth fits the timed collectives (sizes {sorted(sizes)} "
+                         "bytes); name a preset instead")
+    return Link(1.0 / float(inverse_gbs), float(latency_us))
 
 
 def step_collectives(method: str, world: int, batch_per_rank: int, dim: int, elem_bytes: int = 4) -> list[tuple[str, int]]:
@@ -272,35 +619,67 @@ def step_collectives(method: str, world: int, batch_per_rank: int, dim: int, ele
     return calls
 
 
-def measure_compute(method: str, settings: BenchSettings, world: int, device: torch.device) -> dict:
-    """One rank's compute at world size `world`, in this single process: a head holding the
-    C/W classes of rank 0 and a gathered batch of W * batch_per_rank rows, no communication."""
+def measure_compute_rounds(methods: list[str], settings: BenchSettings, world: int,
+                           device: torch.device) -> dict[str, dict]:
+    """One rank's compute at world size `world`, in this single process, every method in
+    interleaved rounds: heads holding the C/W classes of rank 0 and a gathered batch of
+    W * batch_per_rank rows, no communication. {method: {"step_s": [...], "floor_s": [...]}} per round."""
     start, stop = class_range(settings.num_classes, 0, world)
     local = BenchSettings(stop - start, settings.embedding_dim, world * settings.batch_per_rank,
-                          settings.warmup, settings.steps, settings.threads_per_rank)
+                          settings.warmup, settings.steps, settings.threads_per_rank, settings.compile_elementwise)
     if device.type == "cpu":
         torch.set_num_threads(settings.threads_per_rank)
-    head = make_head(method, local).to(device)
-    if isinstance(head, PartialFCHead):  # sample as the W-rank shard would: its rate of its classes
-        head.num_sample = max(1, int(head.sample_rate * (stop - start)))
-    step_s, _, columns = _time_steps(method, head, local, device, settings.steps, barrier=False)
-    floor_s = matmul_floor_seconds(local.batch_per_rank, columns, settings.embedding_dim, settings.steps, device)
-    return {"step_s": step_s, "floor_s": floor_s}
+    heads = {}
+    for method in methods:
+        heads[method] = make_head(method, local).to(device)
+        if isinstance(heads[method], PartialFCHead):  # sample as the W-rank shard would: its rate of its classes
+            heads[method].num_sample = max(1, int(heads[method].sample_rate * (stop - start)))
+    timed = time_rounds(heads, local, device, barrier=False)["methods"]
+    return {m: {"step_s": timed[m]["step_s"], "floor_s": timed[m]["floor_s"]} for m in methods}
+
+
+def measure_compute(method: str, settings: BenchSettings, world: int, device: torch.device) -> dict:
+    """`measure_compute_rounds` for one method: median step and floor seconds."""
+    rounds = measure_compute_rounds([method], settings, world, device)[method]
+    return {"step_s": statistics.median(rounds["step_s"]), "floor_s": statistics.median(rounds["floor_s"])}
 
 
 def project(method: str, settings: BenchSettings, world: int, compute: dict, intra: Link, inter: Link,
             ranks_per_node: int) -> dict:
-    """A projected point: measured per-rank compute plus the modelled collectives of one step."""
+    """A projected point: per-rank compute measured per round (`measure_compute_rounds`) plus the
+    modelled collectives of one step."""
     link = intra if world <= ranks_per_node else inter
     calls = step_collectives(method, world, settings.batch_per_rank, settings.embedding_dim)
     comm_s = sum(link.seconds(kind, nbytes, world) for kind, nbytes in calls)
     all_reduces = [n for kind, n in calls if kind == "all_reduce"]
     return _point(
-        method, world, "projected", settings, torch.device("cpu"), step_s=compute["step_s"] + comm_s,
-        floor_s=compute["floor_s"], peak_bytes=None, comm_calls=len(calls),
-        comm_bytes=sum(n for _, n in calls), comm_s=comm_s, all_reduce_calls=len(all_reduces),
-        largest_all_reduce=max(all_reduces, default=0),
+        method, world, "projected", settings, torch.device("cpu"),
+        round_step_s=[s + comm_s for s in compute["step_s"]], round_floor_s=compute["floor_s"], peak_bytes=None,
+        comm_calls=len(calls), comm_bytes=sum(n for _, n in calls), comm_s=comm_s,
+        all_reduce_calls=len(all_reduces), largest_all_reduce=max(all_reduces, default=0),
     )
+
+
+def projection_check(points: list[dict], world: int = 2) -> list[dict]:
+    """Does the projection of a world size that was also measured land within the measured spread?
+
+    Per method with both a measured and a projected point at `world`: the projected median step
+    time against the measured rounds' interquartile range.
+    """
+    by_key = {(p["method"], p["world_size"], p["kind"]): p for p in points}
+    checks = []
+    for (method, w, kind), projected in by_key.items():
+        measured = by_key.get((method, w, "measured"))
+        if kind != "projected" or w != world or measured is None:
+            continue
+        checks.append({
+            "method": method, "world_size": world, "projected_ms": projected["step_ms"],
+            "measured_ms": measured["step_ms"], "measured_q1": measured["step_ms_q1"],
+            "measured_q3": measured["step_ms_q3"],
+            "inside": measured["step_ms_q1"] <= projected["step_ms"] <= measured["step_ms_q3"],
+            "error": projected["step_ms"] / measured["step_ms"] - 1.0,
+        })
+    return checks
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -314,16 +693,18 @@ def add_scaling_efficiency(points: list[dict]) -> None:
         p["scaling_efficiency"] = None if base is None else p["images_per_s"] / (p["world_size"] * base)
 
 
-def write_outputs(points: list[dict], out_dir: Path, settings: BenchSettings, note: str) -> dict[str, Path]:
-    """CSV, JSON and PNG of the points; returns their paths."""
+def write_outputs(points: list[dict], out_dir: Path, settings: BenchSettings, note: str,
+                  extra: dict | None = None) -> dict[str, Path]:
+    """CSV (summary columns), JSON (the points with their rounds, and `extra`) and PNG; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     add_scaling_efficiency(points)
     paths = {"csv": out_dir / "scaling.csv", "json": out_dir / "scaling.json", "png": out_dir / "scaling.png"}
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(points)
-    paths["json"].write_text(json.dumps({"settings": asdict(settings), "note": note, "points": points}, indent=2))
+    paths["json"].write_text(json.dumps({"settings": asdict(settings), "note": note, "points": points,
+                                         **(extra or {})}, indent=1))
     plot(points, paths["png"], settings)
     return paths
 
@@ -338,11 +719,15 @@ def plot(points: list[dict], path: Path, settings: BenchSettings) -> None:
     colors = {}
     for method in dict.fromkeys(p["method"] for p in points):
         for kind, style in (("measured", "-o"), ("projected", "--s")):
-            series = sorted((p["world_size"], p["images_per_s"]) for p in points if p["method"] == method and p["kind"] == kind)
+            series = sorted((p["world_size"], p["images_per_s"], p["global_batch"] * 1e3 / p["step_ms_q3"],
+                             p["global_batch"] * 1e3 / p["step_ms_q1"])
+                            for p in points if p["method"] == method and p["kind"] == kind)
             if not series:
                 continue
-            line = ax.plot(*zip(*series), style, label=f"{method} ({kind})", color=colors.get(method))[0]
-            colors.setdefault(method, line.get_color())
+            sizes, ips, low, high = (np.array(v) for v in zip(*series))
+            line = ax.errorbar(sizes, ips, yerr=[ips - low, high - ips], fmt=style, capsize=3, markersize=4,
+                               label=f"{method} ({kind})", color=colors.get(method))
+            colors.setdefault(method, line.lines[0].get_color())
         base = next((p["images_per_s"] for p in points if p["method"] == method and p["world_size"] == 1), None)
         if base is not None:
             sizes = sorted({p["world_size"] for p in points})
@@ -351,7 +736,8 @@ def plot(points: list[dict], path: Path, settings: BenchSettings) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("world size (ranks)")
     ax.set_ylabel("images / s (classifier layer)")
-    ax.set_title(f"{settings.num_classes:,} identities, {settings.embedding_dim}-d, {settings.batch_per_rank} images/rank")
+    ax.set_title(f"{settings.num_classes:,} identities, {settings.embedding_dim}-d, {settings.batch_per_rank} images/rank; "
+                 "median and IQR over rounds", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -360,13 +746,14 @@ def plot(points: list[dict], path: Path, settings: BenchSettings) -> None:
 
 
 def markdown_table(points: list[dict]) -> str:
-    header = ("| method | W | kind | classes/rank | step ms | images/s | scaling eff. | head eff. | "
+    header = ("| method | W | kind | classes/rank | step ms, median (IQR) | images/s | scaling eff. | head eff. | "
               "peak MiB/rank | collectives/step | comm MiB/step | comm ms/step | largest all-reduce |")
     lines = [header, "|" + "---|" * 13]
     for p in points:
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(
-            f"| {p['method']} | {p['world_size']} | {p['kind']} | {p['classes_per_rank']:,} | {p['step_ms']:.1f} | "
+            f"| {p['method']} | {p['world_size']} | {p['kind']} | {p['classes_per_rank']:,} | "
+            f"{p['step_ms']:.1f} ({p['step_ms_q1']:.1f}–{p['step_ms_q3']:.1f}) | "
             f"{p['images_per_s']:,.0f} | {fmt(p['scaling_efficiency'], '.2f')} | {p['head_efficiency']:.2f} | "
             f"{fmt(p['peak_mem_mib'], ',.0f')} | {p['comm_calls']} | {p['comm_mib']:.2f} | {p['comm_ms']:.1f} | "
             f"{p['largest_all_reduce_bytes']:,} B |"
@@ -401,12 +788,32 @@ def memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def throughput_ratios(points: list[dict], numerator: str = "sphereface2", denominator: str = "softmax") -> dict:
-    """{(world_size, kind): images/s of `numerator` / images/s of `denominator`}."""
-    by_key = {(p["method"], p["world_size"], p["kind"]): p["images_per_s"] for p in points}
+def throughput_ratios(points: list[dict], numerator: str = "sphereface2",
+                      denominator: str = "softmax") -> dict[tuple[int, str], RatioSummary]:
+    """{(world_size, kind): images/s of `numerator` over `denominator`, per round, summarised}."""
+    by_key = {(p["method"], p["world_size"], p["kind"]): p for p in points}
     return {
-        (w, kind): by_key[(numerator, w, kind)] / by_key[(denominator, w, kind)]
-        for (method, w, kind) in by_key
+        (w, kind): summarize_ratios(round_ratios(p["round_step_ms"], by_key[(denominator, w, kind)]["round_step_ms"]))
+        for (method, w, kind), p in sorted(by_key.items(), key=lambda item: (item[0][1], item[0][2]))
         if method == numerator and (denominator, w, kind) in by_key
     }
 
+
+def run_to_run(runs: list[list[dict]], numerator: str, denominator: str) -> dict[tuple[int, str], list[float]]:
+    """{(world_size, kind): the median ratio of each run, in run order} (for `--repeat`)."""
+    medians: dict[tuple[int, str], list[float]] = {}
+    for points in runs:
+        for key, summary in throughput_ratios(points, numerator, denominator).items():
+            medians.setdefault(key, []).append(summary.median)
+    return medians
+
+
+def describe_ratio(name: str, world: int, kind: str, summary: RatioSummary, run_medians: list[float] | None = None) -> str:
+    """One printed line per ratio: median, IQR, interval, verdict, and the run-to-run spread."""
+    line = (f"{name} images/s at W={world} ({kind}): {summary.median:.2f}x, median of {summary.rounds} rounds; "
+            f"IQR {summary.q1:.2f}-{summary.q3:.2f}, {100 * INTERVAL_LEVEL:.0f}% interval "
+            f"{summary.low:.2f}-{summary.high:.2f}: {summary.verdict()}")
+    if run_medians and len(run_medians) > 1:
+        line += (f"; run to run ({len(run_medians)} runs): min {min(run_medians):.2f}, "
+                 f"median {statistics.median(run_medians):.2f}, max {max(run_medians):.2f}")
+    return line
