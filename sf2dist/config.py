@@ -531,6 +531,10 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         hint = ""
         if cfg.head.margin == "sphereface":
             hint = " (sphereface, A-Softmax, is a margin of the softmax head: set head.type partial_fc)"
+        other = [kind for kind, names in MARGINS.items() if cfg.head.margin in names]
+        if other and other[0] != cfg.head.type and not hint:  # carried over from a config written for the other head
+            hint = (f" ({cfg.head.margin} is a {other[0]} margin); set head.margin={margins[0]} (or another of "
+                    f"them), or head.margin=null for {cfg.head.type}'s default")
         fail("head.margin", f"{cfg.head.margin!r} is not a margin of head.type {cfg.head.type}; "
                             f"expected one of {', '.join(margins)}{hint}")
     _validate_head_scale(cfg.head, fail)

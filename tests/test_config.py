@@ -223,7 +223,8 @@ def test_cross_field_error_names_the_file_a_value_came_from(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config([path], ["head.type=partial_fc"])
     assert f"head.margin: 'C' is not a margin of head.type partial_fc; expected one of cosface, arcface, sphereface " \
-           f"(from {path})" in str(err.value)
+           f"(C is a sphereface2 margin); set head.margin=cosface (or another of them), or head.margin=null for " \
+           f"partial_fc's default (from {path})" in str(err.value)
 
 
 @pytest.mark.parametrize(
