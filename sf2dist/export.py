@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sf2dist.eval.checkpoint import (
+    add_checkpoint_arguments,
     build_backbone,
     checkpoint_file,
     checkpoint_image_size,
@@ -184,20 +185,7 @@ def export_backbone(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sf2dist-export", description="Export a checkpoint's backbone to ONNX or TorchScript.")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint",
-        type=Path,
-        metavar="PATH",
-        help="a training checkpoint: a step directory RUN_DIR/checkpoints/step_N (as training prints it), its "
-        "model.pt, or a .pt file (required unless --run is given)",
-    )
-    source.add_argument(
-        "--run",
-        type=Path,
-        metavar="RUN_DIR",
-        help="a training run directory: exports its newest checkpoint (required unless --checkpoint is given)",
-    )
+    add_checkpoint_arguments(parser, "exports")
     parser.add_argument(
         "--format",
         choices=FORMATS,

@@ -15,6 +15,7 @@ under the run, outside `checkpoints/` (whose old steps training deletes): see `r
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import re
@@ -203,3 +204,21 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
     return max(candidates, key=natural)
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--checkpoint PATH | --run RUN_DIR, one of them required: how sf2dist-eval and sf2dist-export name a model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a training checkpoint: a step directory RUN_DIR/checkpoints/step_N (as training prints it), its "
+        "model.pt, or a .pt file (required unless --run is given)",
+    )
+    source.add_argument(
+        "--run",
+        type=Path,
+        metavar="RUN_DIR",
+        help=f"a training run directory: {verb} its newest checkpoint (required unless --checkpoint is given)",
+    )

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from sf2dist import __version__, parallel
 from sf2dist.eval.checkpoint import (
+    add_checkpoint_arguments,
     backbone_factory,
     build_backbone,
     checkpoint_file,
@@ -42,20 +43,7 @@ from sf2dist.report import machine_description
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sf2dist-eval", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--checkpoint",
-        type=Path,
-        metavar="PATH",
-        help="a training checkpoint: a step directory RUN_DIR/checkpoints/step_N (as training prints it), its "
-        "model.pt, or a .pt file (required unless --run is given)",
-    )
-    source.add_argument(
-        "--run",
-        type=Path,
-        metavar="RUN_DIR",
-        help="a training run directory: evaluates its newest checkpoint (required unless --checkpoint is given)",
-    )
+    add_checkpoint_arguments(parser, "evaluates")
     parser.add_argument(
         "--benchmark",
         type=Path,
