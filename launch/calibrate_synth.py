@@ -7,6 +7,10 @@ flip-fused embeddings. Both use the LFW 10-fold protocol of sf2dist.eval. Prints
 accuracies and the wall time.
 
     .venv/bin/python launch/calibrate_synth.py            # about 2.5 minutes on 2 cores
+    .venv/bin/python launch/calibrate_synth.py --pair-set data/reproduce/val.bin   # raw pixels only
+
+`--pair-set FILE` scores an existing pair set (a `.bin` such as the open-set benchmark's
+val.bin or test.bin) with the raw-pixel baseline only: nothing is generated or trained.
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ def train(shard_dir: Path, epochs: int, batch_size: int, seed: int, workers: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair-set", type=Path,
+                        help="score this existing .bin pair set with raw pixels only, then exit (no generation, "
+                             "no training)")
     parser.add_argument("--data", type=Path, help="existing sf2dist-synth output to reuse (default: generate one)")
     parser.add_argument("--identities", type=int, default=500)
     parser.add_argument("--images-per-identity", type=int, default=20)
@@ -85,6 +92,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes and loader workers")
     args = parser.parse_args()
+
+    if args.pair_set is not None:
+        start = time.perf_counter()
+        if not args.pair_set.is_file():
+            parser.error(f"--pair-set {args.pair_set}: no such file")
+        pairs = load_bin(args.pair_set)
+        raw_mean, raw_std = raw_pixel_accuracy(pairs.images, pairs.issame)
+        print(f"{args.pair_set}: {len(pairs.issame)} pairs, raw-pixel cosine verification (10-fold): "
+              f"{100 * raw_mean:.2f} ± {100 * raw_std:.2f} % ({time.perf_counter() - start:.0f} s)")
+        return
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:

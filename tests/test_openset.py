@@ -143,5 +143,6 @@ def test_command_line_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         openset.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: 2000)", "(default: 6000)", "(default: 0.35)", "(default: 64)", "(default: 10)"):
+    for default in ("(default: 1000)", "(default: 12)", "(default: 6000)", "(default: 0.2)", "(default: 48)",
+                    "(default: 10)"):
         assert default in text

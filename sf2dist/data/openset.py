@@ -78,8 +78,9 @@ _PAIR_SETS = {"val": 0, "test": 1}
 class OpenSetSpec:
     """Sizes, difficulty and seed of an open-set benchmark (module doc)."""
 
-    train_identities: int = 2000
-    train_images: int = 10  # per training identity
+    # the defaults are the CPU profile of `make reproduce` (configs/reproduce/cpu.yaml), calibrated in docs/data.md
+    train_identities: int = 1000
+    train_images: int = 12  # per training identity
     val_identities: int = 500
     test_identities: int = 500
     pair_images: int = 6  # per validation and test identity, for the pairs
@@ -87,8 +88,8 @@ class OpenSetSpec:
     folds: int = 10
     templates_per_subject: int = 2
     images_per_template: int = 3
-    size: int = 64
-    jitter: float = 0.35
+    size: int = 48
+    jitter: float = 0.2
     seed: int = 0
     jpeg_quality: int | None = None  # None: drawn per image, as sf2dist-synth does
     shard_size: int = 10_000
