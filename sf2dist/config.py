@@ -64,7 +64,17 @@ class DataConfig:
 
     train: str = ""  # shard directory (with manifest.json); required by the trainer
     num_classes: int | None = None  # if set, must match the manifest (null: taken from it)
-    batch_size: int = 128  # images per rank per micro-batch (global batch: ranks x this x optim.accumulation_steps)
+    # images per rank per micro-batch (global batch: ranks x this x optim.accumulation_steps); with
+    # data.global_batch_size set, the most a rank takes per micro-batch (its memory cap)
+    batch_size: int = 128
+    # images per optimizer step over all ranks, kept when the number of ranks W changes (an elastic restart,
+    # a requeue onto other nodes, a rerun on fewer GPUs); null: data.batch_size x W x optim.accumulation_steps,
+    # which changes with W. When set, optim.accumulation_steps stays 1 and on W ranks the step is split as
+    # accumulation A = the smallest A >= ceil(global / (W x data.batch_size)) for which W x A divides global,
+    # per-rank micro-batch = global / (W x A); W must divide it (refused otherwise, with values that work), and
+    # head.step fused needs A = 1. A resume may set it to the checkpoint's images per step without
+    # --allow-config-change (and then change data.batch_size too): no step's images change
+    global_batch_size: int | None = None
     num_workers: int = 4  # decoding processes per rank (0: decode in the training process)
     # fraction of each class's labels replaced by other classes on purpose (noise experiments), in [0, 1):
     # exactly round(p n_c) per class, fixed by run.seed, the same in every epoch and on any number of ranks
@@ -492,8 +502,8 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
 
     # None (where a field allows it) means "not set" and is always fine here.
     for key in ("run.epochs", "run.max_steps", "run.log_every", "run.keep_checkpoints", "run.timeout_s",
-                "run.max_bad_steps", "data.num_classes", "data.batch_size", "model.embedding_dim",
-                "optim.accumulation_steps", "eval.batch_size"):
+                "run.max_bad_steps", "data.num_classes", "data.batch_size", "data.global_batch_size",
+                "model.embedding_dim", "optim.accumulation_steps", "eval.batch_size"):
         if value(key) is not None and value(key) < 1:
             fail(key, f"must be at least 1, got {value(key)}")
     for key in ("run.eval_every", "run.checkpoint_every", "data.num_workers", "optim.warmup_steps",
@@ -504,6 +514,10 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         if value(key) is not None and value(key) <= 0:
             fail(key, f"must be positive, got {value(key)}")
 
+    if cfg.data.global_batch_size is not None and cfg.optim.accumulation_steps != 1:
+        fail("optim.accumulation_steps", f"is derived from data.global_batch_size={cfg.data.global_batch_size} and "
+                                         f"the number of ranks when that is set; leave it at 1 (data.batch_size caps "
+                                         f"the images per rank per micro-batch), or set data.global_batch_size=null")
     if "embedding_dim" in cfg.model.kwargs:
         fail("model.kwargs", "must not hold embedding_dim; set model.embedding_dim instead")
     if not 0.0 <= cfg.data.label_noise < 1.0:
@@ -581,6 +595,65 @@ def _validate_head_scale(head: HeadConfig, fail: typing.Callable[[str, str], typ
                                     f"head.feature_scale is {head.feature_scale}; leave it at {default}")
 
 
+# -- the global batch on a number of ranks ---------------------------------------------------------
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's images are split: `per_rank` images per micro-batch on each of
+    `world_size` ranks, `accumulation` micro-batches per step."""
+
+    per_rank: int
+    world_size: int
+    accumulation: int
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.per_rank * self.world_size * self.accumulation
+
+    def __str__(self) -> str:
+        return f"{self.per_rank} per rank x {self.world_size} rank(s) x {self.accumulation} accumulation"
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    """The step's split on `world_size` ranks; ConfigError when data.global_batch_size cannot be kept there.
+
+    Without data.global_batch_size: data.batch_size per rank and optim.accumulation_steps, so the
+    global batch follows the world size. With it (the rule of its field comment): the fewest
+    micro-batches per step whose per-rank share fits data.batch_size and splits the global batch
+    exactly, so that a step holds the same images on any number of ranks.
+    """
+    data = cfg.data
+    if data.global_batch_size is None:
+        return BatchPlan(data.batch_size, world_size, cfg.optim.accumulation_steps)
+    total = data.global_batch_size
+    if total % world_size:
+        below, above = (total // world_size) * world_size, (total // world_size + 1) * world_size
+        multiples = " or ".join(str(value) for value in (below, above) if value > 0)
+        divisors = [w for w in range(1, total + 1) if total % w == 0]
+        near = sorted(sorted(divisors, key=lambda w: (abs(w - world_size), w))[:4])
+        raise ConfigError(
+            f"data.global_batch_size={total} cannot be split evenly over {world_size} ranks ({total} / {world_size} "
+            f"is not a whole number of images per rank), and the global batch is kept exact: on {world_size} ranks "
+            f"set it to a multiple of {world_size} (e.g. {multiples}), or run on a number of ranks that divides "
+            f"{total} (e.g. {', '.join(map(str, near))})")
+    per_rank_step = total // world_size  # images each rank takes per optimizer step
+    accumulation = -(-per_rank_step // data.batch_size)  # the fewest micro-batches within data.batch_size
+    while per_rank_step % accumulation:  # ends at most at per_rank_step: micro-batches of one image
+        accumulation += 1
+    plan = BatchPlan(per_rank_step // accumulation, world_size, accumulation)
+    if cfg.head.step == "fused" and accumulation > 1:
+        # the fewest ranks on which one micro-batch per rank holds the whole step
+        ranks = next(w for w in range(-(-total // data.batch_size), total + 1)
+                     if total % w == 0 and total // w <= data.batch_size)
+        raise ConfigError(
+            f"head.step fused steps the class rows at every forward, so it cannot accumulate micro-batches, but "
+            f"data.global_batch_size={total} on {world_size} rank(s) with at most data.batch_size={data.batch_size} "
+            f"images per rank per micro-batch needs {accumulation} micro-batches per step ({plan}). Run on {ranks} "
+            f"ranks ({total // ranks} per rank), raise data.batch_size to {per_rank_step} if a rank's memory holds it, "
+            f"or set head.step separate")
+    return plan
+
+
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """Plain nested dicts and lists, as written to the run directory and logged to wandb."""
     return dataclasses.asdict(cfg)
@@ -610,6 +683,10 @@ RESUME_SAFE_KEYS = (
     "run.checkpoint_every", "run.keep_checkpoints", "run.timeout_s", "run.max_bad_steps",
     "data.num_workers", "eval.*", "logging.*",
 )
+# How a step's images are split over ranks and micro-batches. With data.global_batch_size equal to
+# the checkpoint's global batch (images per step), changing them changes no step's images, only
+# how they are computed (as a change of the world size does): such a resume needs no permission.
+BATCH_SPLIT_KEYS = ("data.batch_size", "data.global_batch_size", "optim.accumulation_steps")
 # Where the run is and how it was started: not a setting of its steps, so not recorded as a change.
 _INVOCATION_KEYS = ("run.dir", "run.resume")
 

@@ -6,7 +6,7 @@ One checkpoint is a directory, `RUN_DIR/checkpoints/step_00001200/`:
                     `sf2dist-export` read), the head's identity (type, classes, width) and
                     its replicated parameters (the SphereFace2 bias) with their optimiser
                     state, the trainer's position (step, micro-batches consumed, world size,
-                    batch size), the loss scale and the resolved config;
+                    batch size, accumulation), the loss scale and the resolved config;
     head-00003.pt   rank r: its rows, tagged with their global class range
                     [class_start, class_stop), and their optimiser state (momentum, Adam
                     moments), plus rank r's RNG states (CPU, and CUDA where it was used);
@@ -48,8 +48,9 @@ class TrainerState:
     step: int = 0                 # optimizer steps done
     micro_batches: int = 0        # loader batches consumed per rank
     world_size: int = 1
-    batch_size: int = 1           # per rank
+    batch_size: int = 1           # per rank per micro-batch
     skipped_steps: int = 0
+    accumulation_steps: int = 1   # micro-batches per step (absent from checkpoints written before it was kept)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -48,11 +48,14 @@ from sf2dist.train import optim
 _CHECKPOINT_TAG = "engine"  # one DeepSpeed checkpoint per directory: the trainer names the directory
 
 
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed config for `cfg`: ZeRO stage and precision; scaling and clipping are left to the trainer."""
-    precision = cfg.engine.precision
+def deepspeed_config(cfg: Config, micro_batch_size: int | None = None) -> dict:
+    """The DeepSpeed config for `cfg`: ZeRO stage and precision; scaling and clipping are left to the trainer.
+
+    `micro_batch_size`: images per rank per micro-batch, None for data.batch_size (DeepSpeed only
+    reports it: the trainer feeds the batches).
+    """
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size or cfg.data.batch_size,
         # The trainer accumulates and marks the boundary itself (see the module docstring).
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,
@@ -78,7 +81,8 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, backbone: nn.Module, cfg: Config, device: torch.device, world_size: int) -> None:
+    def __init__(self, backbone: nn.Module, cfg: Config, device: torch.device, world_size: int,
+                 micro_batch_size: int | None = None) -> None:
         if cfg.engine.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"engine.precision fp16 needs a CUDA device, got {device}; use bf16 or fp32")
         # DeepSpeed joins the existing default group and cannot run without one (not even on one rank).
@@ -94,7 +98,8 @@ class DeepSpeedEngine:
         backbone = backbone.to(device)
         optimizer = optim.make_optimizer(backbone.parameters(), cfg.optim, cfg.optim.lr)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=backbone, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False
+            model=backbone, optimizer=optimizer, config=deepspeed_config(cfg, micro_batch_size),
+            dist_init_required=False,
         )
         if torch.device(self.engine.device) != device:
             raise ValueError(

@@ -92,12 +92,14 @@ def memory_format(backbone: nn.Module, device: torch.device) -> torch.memory_for
     return torch.channels_last if device.type == "cuda" and has_conv else torch.contiguous_format
 
 
-def make_engine(backbone: nn.Module, cfg: Config, device: torch.device, world_size: int):
-    """The engine `cfg.engine.type` names."""
+def make_engine(backbone: nn.Module, cfg: Config, device: torch.device, world_size: int,
+                micro_batch_size: int | None = None):
+    """The engine `cfg.engine.type` names; `micro_batch_size`: images per rank per micro-batch
+    (the trainer's, derived from data.global_batch_size when that is set; None: data.batch_size)."""
     if cfg.engine.type == "ddp":
         return DDPEngine(backbone, cfg, device, world_size)
     if cfg.engine.type == "deepspeed":
         from sf2dist.train.deepspeed_engine import DeepSpeedEngine  # deepspeed is an optional install
 
-        return DeepSpeedEngine(backbone, cfg, device, world_size)
+        return DeepSpeedEngine(backbone, cfg, device, world_size, micro_batch_size)
     raise ValueError(f"engine.type: unknown engine {cfg.engine.type!r} (ddp or deepspeed)")

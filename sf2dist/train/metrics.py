@@ -13,7 +13,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "loss_scale", "skipped_steps", "elapsed_s")
+TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "loss_scale", "skipped_steps", "elapsed_s",
+                 "images_per_step")
 EVAL_COLUMNS = ("step", "benchmark", "accuracy", "accuracy_std", "best_accuracy", "eer", "auc")
 
 
@@ -22,10 +23,17 @@ class RunLog:
         self.run_dir = run_dir
         self.train_path = run_dir / "metrics.csv"
         self.eval_path = run_dir / "eval.csv"
+        # A resumed run appends under the header its file already has: one written before a column
+        # was added keeps its columns (the new one is left out there), so every row still parses.
+        self.columns: dict[Path, tuple[str, ...]] = {}
         for path, columns in ((self.train_path, TRAIN_COLUMNS), (self.eval_path, EVAL_COLUMNS)):
-            if not path.exists():
+            if path.exists() and path.stat().st_size:
+                with open(path, newline="") as f:
+                    columns = tuple(next(csv.reader(f), columns))
+            else:
                 with open(path, "w", newline="") as f:
                     csv.writer(f).writerow(columns)
+            self.columns[path] = columns
         self.wandb = None
         if logging_cfg.wandb_mode != "disabled":
             try:
@@ -38,17 +46,17 @@ class RunLog:
             except Exception as err:  # wandb must never take a training run down
                 warnings.warn(f"wandb could not start ({err}); metrics go to {self.train_path} only", stacklevel=2)
 
-    def _append(self, path: Path, columns: tuple[str, ...], row: dict) -> None:
+    def _append(self, path: Path, row: dict) -> None:
         with open(path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(c, "") for c in columns])
+            csv.writer(f).writerow([row.get(c, "") for c in self.columns[path]])
 
     def train(self, row: dict) -> None:
-        self._append(self.train_path, TRAIN_COLUMNS, row)
+        self._append(self.train_path, row)
         self._wandb_log({f"train/{k}": v for k, v in row.items() if k != "step"}, row["step"])
 
     def eval(self, step: int, benchmark: str, metrics: dict) -> None:
         row = {"step": step, "benchmark": benchmark, **{k: metrics.get(k) for k in EVAL_COLUMNS[2:]}}
-        self._append(self.eval_path, EVAL_COLUMNS, row)
+        self._append(self.eval_path, row)
         self._wandb_log({f"eval/{benchmark}/{k}": v for k, v in row.items() if k not in ("step", "benchmark")}, step)
 
     def _wandb_log(self, values: dict, step: int) -> None:

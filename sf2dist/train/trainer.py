@@ -12,6 +12,7 @@ skip together), logging, evaluation and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import difflib
 import json
@@ -26,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from sf2dist import comm, parallel, stop
-from sf2dist.config import Change, Config, ConfigError, config_changes, config_to_dict, resume_safe, save_config
+from sf2dist.config import (BATCH_SPLIT_KEYS, BatchPlan, Change, Config, ConfigError, batch_plan, config_changes,
+                            config_to_dict, resume_safe, save_config)
 from sf2dist.data import make_loader
 from sf2dist.data.shards import Manifest, read_manifest
 from sf2dist.eval import ExtractOptions, PreparedBenchmark, evaluate_prepared, prepare_benchmark
@@ -139,15 +141,22 @@ def read_train_manifest(cfg: Config) -> Manifest:
     return manifest
 
 
-def batch_warnings(cfg: Config, num_samples: int, world_size: int) -> list[str]:
-    """A per-rank batch larger than each rank's share of the data: every step shows samples twice."""
-    per_rank = num_samples // world_size
-    if cfg.data.batch_size <= per_rank:
+def batch_warnings(cfg: Config, plan: BatchPlan, num_samples: int) -> list[str]:
+    """A per-rank micro-batch larger than each rank's share of the data: every step shows samples twice."""
+    per_rank = num_samples // plan.world_size
+    if plan.per_rank <= per_rank:
         return []
-    global_batch = cfg.data.batch_size * world_size
-    return [f"data.batch_size={cfg.data.batch_size} is more than the {per_rank} samples per rank ({num_samples} "
-            f"samples over {world_size} rank(s)): each step of {global_batch} images repeats samples (each about "
-            f"{global_batch / num_samples:.1f} times); set data.batch_size to at most {max(per_rank, 1)}"]
+    images = plan.per_rank * plan.world_size  # one micro-batch over all ranks
+    repeats = f"(each about {images / num_samples:.1f} times)"
+    if cfg.data.global_batch_size is None:
+        return [f"data.batch_size={cfg.data.batch_size} is more than the {per_rank} samples per rank ({num_samples} "
+                f"samples over {plan.world_size} rank(s)): each step of {images} images repeats samples {repeats}; set "
+                f"data.batch_size to at most {max(per_rank, 1)}"]
+    return [f"data.global_batch_size={cfg.data.global_batch_size} puts {plan.per_rank} images per rank in each "
+            f"micro-batch ({plan}), more than the {per_rank} samples per rank ({num_samples} samples over "
+            f"{plan.world_size} rank(s)): each micro-batch of {images} images repeats samples {repeats}; set "
+            f"data.batch_size (the micro-batch's cap) to at most {max(per_rank, 1)}, or data.global_batch_size to at "
+            f"most {max(per_rank, 1) * plan.world_size}"]
 
 
 def prepare_benchmarks(paths: Sequence[str], rank: int, world_size: int,
@@ -171,12 +180,54 @@ class ResumePoint:
     record: dict = field(default_factory=dict, repr=False)  # its model.pt (mmap), empty for a new run
     changes: list[Change] = field(default_factory=list)  # keys this config changes since the checkpoint
     refused: list[Change] = field(default_factory=list)  # those neither resume-safe nor allowed
+    saved_plan: BatchPlan | None = None  # how the checkpoint's steps were split over ranks and micro-batches
 
-    def check(self) -> None:
-        """ValueError listing the refused changes, with the ways out, if there are any."""
+    def world_size_change(self, plan: BatchPlan) -> str | None:
+        """What resuming on `plan.world_size` ranks does to the step; None on the checkpoint's world size."""
+        saved = self.saved_plan
+        if saved is None or saved.world_size == plan.world_size:
+            return None
+        if plan.global_batch == saved.global_batch:
+            effect = f"global batch {plan.global_batch} kept"
+        else:
+            effect = f"global batch {saved.global_batch} -> {plan.global_batch} images per step"
+        return f"world size {saved.world_size} -> {plan.world_size}: {effect} ({plan})"
+
+    def changed(self, plan: BatchPlan) -> list[str]:
+        """What differs from the checkpoint on this run's `plan`: the world size first, then each key."""
+        world = self.world_size_change(plan)
+        return [*([world] if world else []), *map(str, self.changes)]
+
+    def world_size_warnings(self, cfg: Config, plan: BatchPlan) -> list[str]:
+        """A world-size change that changes the images per step, because data.global_batch_size is unset."""
+        saved = self.saved_plan
+        if (saved is None or saved.world_size == plan.world_size or saved.global_batch == plan.global_batch
+                or cfg.data.global_batch_size is not None):  # a global batch set on purpose is listed as a change
+            return []
+        keep = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, global_batch_size=saved.global_batch),
+                                   optim=dataclasses.replace(cfg.optim, accumulation_steps=1))
+        try:
+            advice = (f"To keep {saved.global_batch} images per step on any number of ranks, set "
+                      f"data.global_batch_size={saved.global_batch} (allowed on resume; here it would be "
+                      f"{batch_plan(keep, plan.world_size)})")
+        except ConfigError as err:
+            advice = f"{saved.global_batch} images per step cannot be kept on {plan.world_size} rank(s): {err}"
+        return [f"world size {saved.world_size} -> {plan.world_size} since {self.checkpoint}: the global batch changes "
+                f"{saved.global_batch} -> {plan.global_batch} images per step ({plan}), so each remaining step "
+                f"averages its gradient over {plan.global_batch} images instead of {saved.global_batch}, at a learning "
+                f"rate chosen for {saved.global_batch}. {advice}"]
+
+    def check(self, plan: BatchPlan | None = None) -> None:
+        """ValueError listing the refused changes, with the ways out, if there are any.
+
+        With this run's `plan`, a change of the world size is named as well (it is never refused).
+        """
         if not self.refused:
             return
         listing = "".join(f"\n  {change}" for change in self.refused)
+        world = self.world_size_change(plan) if plan is not None else None
+        if world:
+            listing += f"\n  ({world}; a change of the world size is allowed)"
         raise ValueError(
             f"{self.checkpoint} was trained with other settings than this command's (checkpoint -> now):{listing}\n"
             f"Resuming would train the remaining steps with settings no earlier step used. Either run the command "
@@ -208,14 +259,51 @@ def resume_point(cfg: Config, allow_config_change: Sequence[str] = ()) -> Resume
         )
     record = checkpoint.read_main(newest)
     changes = config_changes(record["config"], cfg) if "config" in record else []
-    allowed = set(allow_config_change)
+    saved = saved_batch_plan(record)
+    # A new split of the checkpoint's global batch changes no step's images (sf2dist.config.BATCH_SPLIT_KEYS)
+    allowed = {*allow_config_change, *(BATCH_SPLIT_KEYS if cfg.data.global_batch_size == saved.global_batch else ())}
     refused = [change for change in changes if not resume_safe(change.key) and change.key not in allowed]
-    return ResumePoint(newest, int(record["trainer"]["step"]), record, changes, refused)
+    return ResumePoint(newest, int(record["trainer"]["step"]), record, changes, refused, saved)
 
 
-def total_steps(cfg: Config, batches_per_epoch: int) -> int:
-    """Optimizer steps of the run: run.max_steps, or run.epochs of `batches_per_epoch` micro-batches."""
-    return cfg.run.max_steps or (cfg.run.epochs * batches_per_epoch) // cfg.optim.accumulation_steps
+def saved_batch_plan(record: dict) -> BatchPlan:
+    """How the steps of the checkpoint whose model.pt is `record` were split."""
+    trainer = record["trainer"]
+    if "accumulation_steps" in trainer:
+        accumulation = trainer["accumulation_steps"]
+    else:  # written before the trainer state kept it: the checkpoint's config has it
+        accumulation = record.get("config", {}).get("optim", {}).get("accumulation_steps", 1)
+    return BatchPlan(int(trainer["batch_size"]), int(trainer["world_size"]), int(accumulation))
+
+
+def start_position(point: ResumePoint, plan: BatchPlan, num_samples: int) -> tuple[int, int]:
+    """(optimizer step, micro-batches per rank) where the run starts, on this run's micro-batches.
+
+    The data position is (epoch, samples into the epoch's order); on another world size or
+    per-rank batch it is rounded down to a whole micro-batch of this run (a few samples may
+    repeat). The step count is kept.
+    """
+    if point.checkpoint is None:
+        return 0, 0
+    saved, micro_batches = point.saved_plan, int(point.record["trainer"]["micro_batches"])
+    before, now = saved.world_size * saved.per_rank, plan.world_size * plan.per_rank  # images per micro-batch
+    if before == now:
+        return point.step, micro_batches
+    epoch, in_epoch = divmod(micro_batches, math.ceil(num_samples / before))  # epochs counted as the loader does
+    return point.step, epoch * math.ceil(num_samples / now) + (in_epoch * before) // now
+
+
+def total_steps(cfg: Config, plan: BatchPlan, batches_per_epoch: int, start: tuple[int, int] = (0, 0)) -> int:
+    """Optimizer steps of the run: run.max_steps, or the steps that end run.epochs epochs of
+    `batches_per_epoch` micro-batches, counted on from `start` (step, micro-batches per rank).
+
+    Counted from the data position, not as epochs x steps per epoch: after a resume that changed
+    the images per step, the steps before it and after it cover different shares of an epoch.
+    """
+    if cfg.run.max_steps:
+        return cfg.run.max_steps
+    step, micro_batches = start
+    return step + max(0, cfg.run.epochs * batches_per_epoch - micro_batches) // plan.accumulation
 
 
 def _size(num_bytes: float) -> str:
@@ -245,16 +333,20 @@ def head_memory(cfg: Config, num_classes: int, world_size: int) -> str:
     return text
 
 
-def describe_run(cfg: Config, *, manifest: Manifest, world_size: int, launcher: str, device: torch.device,
+def describe_run(cfg: Config, *, manifest: Manifest, plan: BatchPlan, launcher: str, device: torch.device,
                  backbone_parameters: int, point: ResumePoint, config_path: Path | None,
                  warnings: Sequence[str] = ()) -> list[str]:
     """The start-up summary: what runs where, on what data, with what memory, from which step."""
-    accumulation = cfg.optim.accumulation_steps
-    batches = math.ceil(manifest.num_samples / (world_size * cfg.data.batch_size))
-    steps_per_epoch = batches / accumulation
-    total = total_steps(cfg, batches)
-    global_batch = cfg.data.batch_size * world_size * accumulation
-    epochs = f"{total / steps_per_epoch:.3g} epochs" if steps_per_epoch else "0 epochs"
+    world_size = plan.world_size
+    batches = math.ceil(manifest.num_samples / (world_size * plan.per_rank))  # per epoch, as the loader counts
+    steps_per_epoch = batches / plan.accumulation
+    start_step, start_micro_batches = start_position(point, plan, manifest.num_samples)
+    total = total_steps(cfg, plan, batches, (start_step, start_micro_batches))
+    # where the data position ends, as the progress line's epoch counts it (also after a resume
+    # whose steps before it held another number of images)
+    end = start_micro_batches + max(0, total - start_step) * plan.accumulation
+    epochs = f"{end / batches:.3g} epochs"
+    kept = " (data.global_batch_size)" if cfg.data.global_batch_size is not None else ""
     margin = f", margin {cfg.head.margin}" if cfg.head.margin else ""
     lines = [
         f"run directory: {cfg.run.dir}" + (f" (config: {config_path})" if config_path else ""),
@@ -262,8 +354,8 @@ def describe_run(cfg: Config, *, manifest: Manifest, world_size: int, launcher: 
         f"precision {cfg.engine.precision}",
         f"data: {cfg.data.train}: {manifest.num_samples:,} images of {manifest.num_classes:,} classes, "
         f"{manifest.image_size[0]}x{manifest.image_size[1]}",
-        f"batch: {cfg.data.batch_size} per rank x {world_size} rank(s) x {accumulation} accumulation = "
-        f"{global_batch} images per step; {steps_per_epoch:g} steps per epoch; {total} steps ({epochs})",
+        f"batch: {plan} = {plan.global_batch} images per step{kept}; {steps_per_epoch:g} steps per epoch; "
+        f"{total} steps ({epochs})",
         f"head: {cfg.head.type}{margin}, {head_memory(cfg, manifest.num_classes, world_size)}",
         f"backbone: {cfg.model.backbone}, {backbone_parameters:,} parameters ({_size(4 * backbone_parameters)} "
         f"in float32)",
@@ -271,7 +363,8 @@ def describe_run(cfg: Config, *, manifest: Manifest, world_size: int, launcher: 
     if point.checkpoint is None:
         lines.append("start: step 0, a new run")
     else:
-        changed = f"; changed since: {', '.join(map(str, point.changes))}" if point.changes else ""
+        changes = point.changed(plan)
+        changed = f"; changed since: {', '.join(changes)}" if changes else ""
         lines.append(f"start: step {point.step}, resumed from {point.checkpoint}{changed}")
     lines += [f"warning: {warning}" for warning in warnings]
     return lines
@@ -285,10 +378,11 @@ def check_run(cfg: Config, allow_config_change: Sequence[str] = (), warnings: Se
     ConfigError or ValueError with the first problem.
     """
     check_settings(cfg)
-    point = resume_point(cfg, allow_config_change)
-    point.check()
-    manifest = read_train_manifest(cfg)
     info = parallel.discover()
+    plan = batch_plan(cfg, info.world_size)
+    point = resume_point(cfg, allow_config_change)
+    point.check(plan)
+    manifest = read_train_manifest(cfg)
     for benchmark in cfg.eval.benchmarks:  # one at a time: only one benchmark's images are held
         prepare_benchmarks([benchmark], 0, 1, manifest.image_size)
     backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
@@ -296,9 +390,10 @@ def check_run(cfg: Config, allow_config_change: Sequence[str] = (), warnings: Se
     device = torch.device("cuda" if cfg.engine.device == "cuda" or (cfg.engine.device == "auto"
                                                                     and torch.cuda.is_available()) else "cpu")
     return describe_run(
-        cfg, manifest=manifest, world_size=info.world_size, launcher=info.source, device=device,
+        cfg, manifest=manifest, plan=plan, launcher=info.source, device=device,
         backbone_parameters=sum(p.numel() for p in backbone.parameters()), point=point, config_path=None,
-        warnings=[*warnings, *batch_warnings(cfg, manifest.num_samples, info.world_size)],
+        warnings=[*warnings, *batch_warnings(cfg, plan, manifest.num_samples),
+                  *point.world_size_warnings(cfg, plan)],
     )
 
 
@@ -330,6 +425,9 @@ class Trainer:
         self.rank, self.world_size = self.info.rank, self.info.world_size
         if self.rank == 0:  # in a SLURM log: where the ranks think they are, and from which variables
             tqdm.write(f"{self.info.describe()}; device {self.device}")
+        # The per-rank micro-batch and the accumulation on this many ranks: what the loader, the step,
+        # the schedule's length and the checkpoint's position use (data.global_batch_size keeps their product)
+        self.plan = batch_plan(cfg, self.world_size)
         self.run_dir = Path(cfg.run.dir)
         # Before anything big is built: a new run must not land on an earlier run's checkpoints.
         self.resume_point = resume_point(cfg, self.allow_config_change)
@@ -338,13 +436,14 @@ class Trainer:
         # The manifest first: data.num_classes and the image size are checked before anything big is built.
         manifest = read_train_manifest(cfg)
         self.loader = make_loader(
-            cfg.data.train, batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world_size,
+            cfg.data.train, batch_size=self.plan.per_rank, rank=self.rank, world_size=self.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, num_classes=cfg.data.num_classes,
             flip=cfg.data.flip, label_noise=cfg.data.label_noise, pin_memory=self.device.type == "cuda",
             device=self.device,
         )
         height, width = manifest.image_size
-        self.warnings = [*warnings, *batch_warnings(cfg, manifest.num_samples, self.world_size)]
+        self.warnings = [*warnings, *batch_warnings(cfg, self.plan, manifest.num_samples),
+                         *self.resume_point.world_size_warnings(cfg, self.plan)]
         # Each benchmark read and checked once, now (a broken one fails here, not after hours);
         # each rank decodes only the images it embeds, and keeps them for every evaluation.
         self.benchmarks = prepare_benchmarks(cfg.eval.benchmarks, self.rank, self.world_size, (height, width))
@@ -352,7 +451,7 @@ class Trainer:
         backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, input_size=height,
                                    **cfg.model.kwargs)
         torch.manual_seed(cfg.run.seed + self.rank)
-        self.engine = make_engine(backbone, cfg, self.device, self.world_size)
+        self.engine = make_engine(backbone, cfg, self.device, self.world_size, micro_batch_size=self.plan.per_rank)
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
@@ -362,18 +461,21 @@ class Trainer:
         else:
             self.head_optimizer = optim.make_optimizer(groups, cfg.optim, self.head_lr)
         self.loss_scale = optim.LossScale(cfg.engine.precision == "fp16")
-        self.total_steps = total_steps(cfg, self.loader.batches_per_epoch)
+        # (step, micro-batches) where the run starts: the checkpoint's data position on this run's micro-batches
+        self.start = start_position(self.resume_point, self.plan, manifest.num_samples)
+        self.total_steps = total_steps(cfg, self.plan, self.loader.batches_per_epoch, self.start)
         if self.total_steps < 1:
-            raise ValueError(f"{cfg.run.epochs} epoch(s) of {self.loader.batches_per_epoch} batches make no step with "
-                             f"optim.accumulation_steps={cfg.optim.accumulation_steps}; raise run.epochs or set "
+            raise ValueError(f"{cfg.run.epochs} epoch(s) of {self.loader.batches_per_epoch} batches make no step of "
+                             f"{self.plan.accumulation} micro-batches ({self.plan}); raise run.epochs or set "
                              f"run.max_steps")
         if self.resume_point.checkpoint is not None:
             # A checkpoint of another model is refused as such; one of this model with other settings
             # gets the list of changed keys.
             checkpoint.check_identity(self.resume_point.checkpoint / "model.pt", self.resume_point.record,
                                       self.engine.module, self.head)
-            self.resume_point.check()
-        self.state = checkpoint.TrainerState(world_size=self.world_size, batch_size=cfg.data.batch_size)
+            self.resume_point.check(self.plan)
+        self.state = checkpoint.TrainerState(world_size=self.world_size, batch_size=self.plan.per_rank,
+                                             accumulation_steps=self.plan.accumulation)
         self.consecutive_bad = 0
         self.log = None
         self.stop_everywhere = False  # some rank got a stop signal: decided together in the step's all-reduce
@@ -450,7 +552,7 @@ class Trainer:
     def _write_summary(self, config_path: Path) -> None:
         """The start-up summary on stdout and appended to RUN_DIR/summary.txt (one block per start)."""
         lines = describe_run(
-            self.cfg, manifest=self.loader.manifest, world_size=self.world_size, launcher=self.info.source,
+            self.cfg, manifest=self.loader.manifest, plan=self.plan, launcher=self.info.source,
             device=self.device, backbone_parameters=sum(p.numel() for p in self.engine.module.parameters()),
             point=self.resume_point, config_path=config_path, warnings=self.warnings,
         )
@@ -486,9 +588,10 @@ class Trainer:
             last = self.state.step == stop_step or self.stop_everywhere
             if self.state.step % cfg.run.log_every == 0 or last:
                 seconds = time.perf_counter() - window_start
-                images = window_steps * cfg.optim.accumulation_steps * cfg.data.batch_size * self.world_size
+                images = window_steps * self.plan.global_batch
                 row = {"step": self.state.step, "epoch": self.state.micro_batches // self.loader.batches_per_epoch,
                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "images_per_s": images / seconds,
+                       "images_per_step": self.plan.global_batch,
                        "loss_scale": self.loss_scale.scale, "skipped_steps": self.state.skipped_steps,
                        "elapsed_s": time.perf_counter() - run_start}
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{images / seconds:.0f}")
@@ -545,7 +648,7 @@ class Trainer:
 
     def train_step(self, batches: Iterator) -> tuple[float, float, float]:
         """One optimizer step on every rank: returns (global loss, global grad norm, lr)."""
-        accumulation = self.cfg.optim.accumulation_steps
+        accumulation = self.plan.accumulation
         scale = self.loss_scale.scale
         lr_factor = optim.lr_factor(self.state.step, self.total_steps, self.cfg.optim)
         optim.set_lr(self.head_optimizer, self.head_lr * lr_factor)  # before the forward: a fused head steps there
@@ -640,19 +743,15 @@ class Trainer:
             head_optimizer=self.head_optimizer, engine=self.engine,
         )
         self.loss_scale.load_state_dict(main["loss_scale"])
-        # The data position is (epoch, samples into the epoch's order); on another world size or
-        # batch size it is rounded down to a whole global batch (a few samples may repeat).
-        micro_batches = saved.micro_batches
-        if (saved.world_size, saved.batch_size) != (self.world_size, self.cfg.data.batch_size):
-            num_samples = self.loader.manifest.num_samples
-            saved_global, global_batch = saved.world_size * saved.batch_size, self.world_size * self.cfg.data.batch_size
-            epoch, in_epoch = divmod(saved.micro_batches, math.ceil(num_samples / saved_global))
-            micro_batches = epoch * self.loader.batches_per_epoch + (in_epoch * saved_global) // global_batch
+        step, micro_batches = self.start  # the saved position on this run's micro-batches (start_position)
+        assert step == saved.step, (step, saved.step)  # the checkpoint `resume_point` read, loaded
         self.head.sample_step = micro_batches  # one draw per micro-batch: the same draws as before
         self.state = checkpoint.TrainerState(step=saved.step, micro_batches=micro_batches, world_size=self.world_size,
-                                             batch_size=self.cfg.data.batch_size, skipped_steps=saved.skipped_steps)
+                                             batch_size=self.plan.per_rank, accumulation_steps=self.plan.accumulation,
+                                             skipped_steps=saved.skipped_steps)
         if self.rank == 0:
             tqdm.write(f"resumed from {found} at step {saved.step} (saved on {saved.world_size} rank(s), "
                        f"now {self.world_size})")
-            if self.resume_point.changes:
-                tqdm.write(f"changed since that checkpoint: {'; '.join(map(str, self.resume_point.changes))}")
+            changed = self.resume_point.changed(self.plan)
+            if changed:
+                tqdm.write(f"changed since that checkpoint: {'; '.join(changed)}")
