@@ -24,6 +24,7 @@ Exit status, of each rank (torchrun itself exits 1 when any rank fails):
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import traceback
@@ -95,13 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(err.__cause__, file=sys.stderr)
         return 1
     except RuntimeError as err:
-        if not any(words in str(err).lower() for words in ("timed out", "timeout")):
+        lost = parallel.lost_peer(str(err), cfg.run.timeout_s)
+        if lost is None:
             raise
-        # gloo's words ("Timed out waiting ...", "Application timeout caused pair closure");
-        # NCCL's watchdog ends the process itself after the same time-out
-        print(f"train.py (rank {info.rank}): a collective waited longer than run.timeout_s="
-              f"{cfg.run.timeout_s:g} s: another rank is stuck or dead. Training stops here; the newest checkpoint "
-              f"in {cfg.run.dir}/checkpoints resumes it. ({err})", file=sys.stderr, flush=True)
+        from sf2dist.train.checkpoint import checkpoint_dirs
+
+        newest = checkpoint_dirs(cfg.run.dir)[-1:]
+        resume = (f"the newest checkpoint, {newest[0]}, resumes it on any number of ranks" if newest
+                  else f"no checkpoint was written yet in {cfg.run.dir}/checkpoints")
+        print(f"train.py (rank {info.rank}): {lost}. Training stops here; {resume}. ({err})",
+              file=sys.stderr, flush=True)
+        if "SLURM_JOB_ID" in os.environ and info.local_rank == 0:  # the script may not live to say it
+            from sf2dist.slurm import lost_peer_advice
+
+            print(f"train.py (rank {info.rank}): {lost_peer_advice(os.environ)}", file=sys.stderr, flush=True)
         return 1
     finally:
         parallel.shutdown()

@@ -151,3 +151,19 @@ def class_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     start = base * rank + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def lost_peer(error: str, timeout_s: float) -> str | None:
+    """What a collective's error message says about the other ranks; None for an error of another kind."""
+    text = error.lower()
+    # gloo's words ("Timed out waiting ...", "Application timeout caused pair closure"); NCCL's
+    # watchdog ends the process itself after the same time-out
+    if "timed out" in text or "timeout" in text:
+        return (f"a collective waited longer than run.timeout_s={timeout_s:g} s: another rank is stuck or dead, "
+                "or the network between the hosts is cut")
+    # a peer process that ended (its host died, it crashed, it was killed) closes its connections
+    if any(words in text for words in ("connection reset", "connection closed", "broken pipe", "connection refused",
+                                       "no route to host", "ncclremoteerror")):
+        return ("the connection to another rank was lost: its host died or was cut off, or its process ended "
+                "(a crash there prints its own error)")
+    return None

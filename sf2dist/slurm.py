@@ -87,8 +87,25 @@ def should_requeue(run_dir: Path, env: dict | None = None) -> tuple[bool, str]:
                        "the ranks of this one did not get to write it")
     if state != "preempted":
         detail = f": {status['error']}" if status.get("error") else ""
+        if state == "failed" and _lost_peer(status.get("error") or ""):
+            detail += f". {lost_peer_advice(env)}"
         return False, f"the run's state is {state!r} at step {status.get('step')}{detail}"
     return True, f"preempted at step {status.get('step')} of {status.get('total_steps')} with a checkpoint"
+
+
+def lost_peer_advice(env: dict) -> str:
+    """What happens to a Slurm job whose ranks lost a peer, and how to go on (env: the job's variables)."""
+    job, nodes = env.get("SLURM_JOB_ID", "JOB"), env.get("SLURM_JOB_NUM_NODES", "N")
+    return (f"A rank lost its peers (a node failed or the network was cut): when Slurm marks a node down it "
+            f"requeues this job itself (--requeue), and the job waits until {nodes} nodes are up; to go on with "
+            f"fewer now, scancel {job} and submit the same command with --nodes=M (the newest checkpoint resumes on "
+            f"any number of ranks; set data.global_batch_size to keep the images per step)")
+
+
+def _lost_peer(error: str) -> bool:
+    from sf2dist.parallel import lost_peer  # torch: only for a failed run
+
+    return lost_peer(error, 0) is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,16 +3,16 @@ preemption with requeue and exact resume, the time-limit warning, the scaling be
 that must fail once and never be requeued.
 
 Every job is submitted as a user would, from the repository root with `sbatch --nodes=1
-launch/slurm/...sbatch` (the multi-node command line, one node here), 2 CPU ranks per node
-(NPROC_PER_NODE=2, --gpus-per-node=0, engine.device=cpu). `.ci/run` starts the cluster
-before the suite; when none is running, the fixture starts one (as root) or skips saying why.
+launch/slurm/...sbatch` (the multi-node command line), 2 CPU ranks per node (NPROC_PER_NODE=2,
+--gpus-per-node=0, engine.device=cpu); the preemption and time-limit paths also run on two
+nodes with one rank each (marked `multihost`; the losses of a node are in
+test_multihost_slurm.py). `.ci/run` starts a two-host cluster before the suite; when none is
+running, the session's fixture starts one (as root) or skips saying why.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -22,137 +22,33 @@ import pytest
 import torch
 import yaml
 
-from sf2dist.data import synth
+from tests.slurm_jobs import (ROOT, TRAIN, _run, final_weights, job, log_of, logged_step, status, submit,
+                              wait_done, wait_until, write_config)
 
-ROOT = Path(__file__).resolve().parents[1]
-CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
-TRAIN = "launch/slurm/train.sbatch"
 pytestmark = pytest.mark.slurm
-
-
-def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=120, **kwargs)
-
-
-def _cluster_problem() -> str | None:
-    """None when sinfo shows an idle node, else why not."""
-    if shutil.which("sinfo") is None:
-        return "sinfo is not installed"
-    result = _run(["sinfo", "-h", "-o", "%T"])
-    if result.returncode != 0:
-        return f"sinfo failed: {result.stderr.strip()}"
-    if not {"idle", "mixed"} & set(result.stdout.split()):
-        return f"no idle node (sinfo: {result.stdout.strip() or 'nothing'})"
-    return None
+# The two-node cases: one rank on each of two nodes, the same world size as two ranks on one node.
+TWO_NODES = pytest.param(2, 1, marks=pytest.mark.multihost, id="2-nodes")
+ONE_NODE = pytest.param(1, 2, id="1-node")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    problem = _cluster_problem()
-    if problem is not None:
-        up = _run(["bash", str(CLUSTER), "up"]) if os.geteuid() == 0 else None
-        if up is None:
-            pytest.skip(f"no Slurm cluster here ({problem}) and not root, so tests/slurm/cluster.sh cannot start one")
-        if up.returncode != 0 or _cluster_problem() is not None:
-            pytest.skip(f"no Slurm cluster here ({problem}); tests/slurm/cluster.sh up failed: "
-                        f"{(up.stderr or up.stdout).strip()[-500:]}")
-    yield
+def cluster(slurm_cluster):
+    return slurm_cluster
+
+
+@pytest.fixture
+def nodes_for(cluster):
+    """Skips a case that needs more nodes than the cluster has."""
+    def need(nodes: int) -> None:
+        if len(cluster) < nodes:
+            pytest.skip(f"the Slurm test cluster has {len(cluster)} node(s) ({', '.join(cluster)}); this case needs "
+                        f"{nodes}: tests/slurm/cluster.sh up --hosts {nodes} makes them (root, network namespaces)")
+    return need
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("slurm-synth") / "tiny"
-    return synth.generate(out, identities=40, images_per_identity=8, holdout_identities=20, pairs=100, size=32,
-                          seed=3, workers=0)
-
-
-def write_config(path: Path, data: Path, run_dir: Path, **settings) -> Path:
-    """A 2-rank CPU config for the tiny set; `settings` are dotted keys."""
-    values = {"run.dir": str(run_dir), "run.max_steps": 200, "run.log_every": 10, "run.checkpoint_every": 0,
-              "run.eval_every": 0, "data.train": str(data / "train"), "data.batch_size": 16, "data.num_workers": 1,
-              "model.backbone": "smallcnn", "model.embedding_dim": 32, "optim.lr": 0.1, "optim.warmup_steps": 2,
-              "engine.device": "cpu", "eval.benchmarks": [str(data / "holdout.bin")],
-              "logging.wandb_mode": "disabled", "logging.progress": False, **settings}
-    tree: dict = {}
-    for key, value in values.items():
-        section, name = key.split(".")
-        tree.setdefault(section, {})[name] = value
-    path.write_text(json.dumps(tree))  # JSON is YAML
-    return path
-
-
-def submit(script: str, *args: str, sbatch: tuple[str, ...] = (), env: dict | None = None) -> str:
-    """sbatch from the repository root, as the README shows; returns the job id."""
-    command = ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}",
-               *sbatch, script, *args]
-    environment = dict(os.environ, NPROC_PER_NODE="2", PYTHON=sys.executable, OMP_NUM_THREADS="1", **(env or {}))
-    result = _run(command, cwd=ROOT, env=environment)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().split(";")[0]
-
-
-def job(job_id: str) -> dict:
-    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
-    text = _run(["scontrol", "show", "job", "-o", job_id]).stdout
-    return dict(re.findall(r"(\w+)=(\S*)", text))
-
-
-def wait_until(predicate, timeout: float, what: str, job_id: str | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            state = job(job_id) if job_id else {}
-            log = Path(state.get("StdOut", "")).read_text()[-3000:] if state.get("StdOut") else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; job: "
-                                 f"{ {k: state.get(k) for k in ('JobState', 'Restarts', 'ExitCode', 'Reason')} }\n{log}")
-        time.sleep(0.5)
-
-
-def wait_done(job_id: str, timeout: float = 240) -> dict:
-    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    return wait_until(lambda: (lambda s: s if s.get("JobState") in done else None)(job(job_id)), timeout,
-                      f"job {job_id} to end", job_id)
-
-
-def log_of(state: dict) -> str:
-    return Path(state["StdOut"]).read_text()
-
-
-def status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.csv").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the newest checkpoint: backbone and each rank's head shard."""
-    (newest,) = sorted((run_dir / "checkpoints").glob("step_*"))[-1:]
-    tensors = {}
-    for path in sorted(newest.glob("*.pt")):
-        def walk(prefix, value):
-            if isinstance(value, torch.Tensor):
-                tensors[prefix] = value
-            elif isinstance(value, dict):
-                for key, item in value.items():
-                    walk(f"{prefix}.{key}", item)
-            elif isinstance(value, (list, tuple)):
-                for i, item in enumerate(value):
-                    walk(f"{prefix}.{i}", item)
-        walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
-    return tensors
-
+def data(tiny_set):
+    return tiny_set
 
 def test_a_training_job_completes_with_its_log_where_the_readme_says(cluster, data, tmp_path):
     run_dir = tmp_path / "run"
@@ -174,11 +70,14 @@ def test_a_training_job_completes_with_its_log_where_the_readme_says(cluster, da
         log.unlink(missing_ok=True)
 
 
-def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(cluster, data, tmp_path):
+@pytest.mark.parametrize("nodes, nproc", [ONE_NODE, TWO_NODES])
+def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(nodes_for, data, tmp_path, nodes,
+                                                                                nproc):
+    nodes_for(nodes)
     steps = 600
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "job.yaml", data, run_dir, **{"run.max_steps": steps, "run.checkpoint_every": 100})
-    job_id = submit(TRAIN, str(config), sbatch=(f"--output={tmp_path}/slurm-%j.out",))
+    job_id = submit(TRAIN, str(config), sbatch=(f"--output={tmp_path}/slurm-%j.out",), nodes=nodes, nproc=nproc)
     wait_until(lambda: logged_step(run_dir) >= 120, 120, "step 120", job_id)
     # What --signal=B:USR1@N does, then more stop signals to every process of the job while the
     # ranks finish their step and write the checkpoint: the later ones must change nothing.
@@ -202,6 +101,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(
     assert state["Restarts"] == "1", text  # requeued by the script, once
     assert f"sf2dist: requeue: preempted at step {stop_step} of {steps} with a checkpoint" in text
     assert f"resumed from {run_dir}/checkpoints/step_{stop_step:08d} at step {stop_step}" in text
+    assert len(list((run_dir / "checkpoints" / f"step_{stop_step:08d}").glob("head-*.pt"))) == 2  # a shard per rank
     final = status(run_dir)
     assert final["state"] == "finished" and final["step"] == steps and final["slurm_restart_count"] == 1
 
@@ -218,15 +118,17 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(
         assert torch.equal(resumed[name], value), name
 
 
-def test_the_time_limit_warning_requeues_the_same_way(cluster, data, tmp_path):
+@pytest.mark.parametrize("nodes, nproc", [ONE_NODE, TWO_NODES])
+def test_the_time_limit_warning_requeues_the_same_way(nodes_for, data, tmp_path, nodes, nproc):
     # --time=3 with the warning 100 s before the end: Slurm sends USR1 after 20-80 s (it checks
     # time limits periodically and may send the warning up to a minute early; seen: 3 s after
     # the start with --time=2 @90), well before these steps are done.
     steps = 4000
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "job.yaml", data, run_dir, **{"run.max_steps": steps})
+    nodes_for(nodes)
     job_id = submit(TRAIN, str(config), sbatch=(f"--output={tmp_path}/slurm-%j.out", "--time=3",
-                                                "--signal=B:USR1@100"))
+                                                "--signal=B:USR1@100"), nodes=nodes, nproc=nproc)
     wait_until(lambda: int(job(job_id).get("Restarts", 0)) >= 1, 240, "the first requeue", job_id)
     text = Path(job(job_id)["StdOut"]).read_text()
     assert "USR1 received" in text and "sf2dist: requeue: preempted at step" in text, text

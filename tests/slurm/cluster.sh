@@ -193,10 +193,11 @@ down() {
   log "stopped: $(echo $what)"
 }
 
-# A host of a multi-host cluster that lost every process (a test killed them) gets its slurmd
-# back; ReturnToService=2 returns the node to service when it registers.
+# A host of a multi-host cluster that lost its processes or its network (a test killed them or cut
+# its cable) gets a fresh slurmd; ReturnToService=2 returns the node to service when it registers.
 node_up() {
   local node=$1
+  stop_pidfile "$RUN/slurmd-$node.pid"
   mkdir -p "$STATE/d/$node"
   bash "$HOSTS_SH" exec "$node" slurmd
   for _ in $(seq 100); do
