@@ -1,5 +1,6 @@
 """The benchmark scripts' own logic, without their long runs: bench_data on a tiny shard set,
-bench_head_storage's reading and reporting of finished runs and its argument errors."""
+bench_head_storage's reading and reporting of finished runs and its argument errors,
+bench_checkpoint end to end on a tiny head."""
 from __future__ import annotations
 
 import subprocess
@@ -59,3 +60,24 @@ def test_bench_data_figures_on_a_tiny_shard_set(tmp_path):
     text = bench_data.to_markdown(rows, count=40, source="test", size=(16, 16), batch_size=8, repeats=1,
                                   seconds=1.0, command="cmd")
     assert "Target for decode + augment (the workers' path): >= 4,000 images/s per core" in text
+
+
+def test_bench_checkpoint_on_a_tiny_head(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\n<!-- data:begin -->\n## Data loading\n<!-- data:end -->\n")
+    proc = subprocess.run([sys.executable, "launch/bench_checkpoint.py", "--classes", "1000", "--embedding-dim", "16",
+                           "--world-sizes", "4,1", "--repeat", "2", "--dir", str(tmp_path / "runs"),
+                           "--docs", str(docs)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    table = "| W | rows | head file | save s | MB/s | + fsync s | load s |"
+    assert table in proc.stdout
+    # rank 0 of 4 holds 250 rows; W=1 all 1,000: rows + momentum of 16 float32 (or bfloat16) values each
+    for rows, storage in (("250", "float32"), ("250", "bfloat16"), ("1,000", "float32"), ("1,000", "bfloat16")):
+        assert f"| {rows} x {storage} |" in proc.stdout
+    assert "| 1 | 1,000 x float32 | 0.1 MB |" in proc.stdout  # 2 x 1000 x 16 x 4 bytes and a header
+    text = docs.read_text()
+    assert text.count("<!-- checkpoint:begin -->") == 1 and "<!-- data:end -->" in text
+    section = text.split("<!-- checkpoint:begin -->")[1]
+    assert "## Checkpoint time of a 1,000-class head shard" in section and table in section
+    assert "a node failure loses the steps since the newest checkpoint" in section
+    assert not any((tmp_path / "runs").iterdir())  # the checkpoints written were removed

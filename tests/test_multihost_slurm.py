@@ -11,16 +11,13 @@ Each test prints what it measured (pytest -s).
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_jobs import (CLUSTER, ROOT, TRAIN, _run, job, log_of, logged_step, status, submit, wait_done,
-                              wait_until, write_config)
+from tests.jobs import (CLUSTER, ROOT, TRAIN, _run, checkpoints, host_pids, job, kill_host, log_of, logged_step,
+                        status, submit, wait_done, wait_until, write_config)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multihost]
 HOSTS_SH = ROOT / "tests" / "hosts.sh"
@@ -59,9 +56,8 @@ def jobs(cluster):
 
 def host_processes(host: str) -> list[str]:
     """The command lines of our ranks and agents on `host` (its network namespace)."""
-    pids = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True, timeout=10).stdout.split()
     found = []
-    for pid in pids:
+    for pid in host_pids(host):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
@@ -69,16 +65,6 @@ def host_processes(host: str) -> list[str]:
         if any(word in command for word in OURS):
             found.append(f"{pid}: {command}")
     return found
-
-
-def kill_host(host: str) -> None:
-    """The host dies: every process on it, slurmd included, gets SIGKILL at once."""
-    pids = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True, timeout=10).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def seconds_until(predicate, since: float, limit: float) -> float:
@@ -90,15 +76,12 @@ def seconds_until(predicate, since: float, limit: float) -> float:
     return time.monotonic() - since
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "model.pt").is_file())
-
-
 def config_for(tmp_path: Path, data: Path, run_dir: Path, **settings) -> Path:
     return write_config(tmp_path / "job.yaml", data, run_dir, **{"run.timeout_s": TIMEOUT_S, **settings})
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# One rank per node: the preemption test of test_slurm.py, whose checkpoint holds both head shards
+@pytest.mark.parametrize("nproc", [2])
 def test_a_job_on_two_nodes_checkpoints_every_ranks_head_shard(cluster, data, tmp_path, jobs, nproc):
     run_dir = tmp_path / "run"
     config = config_for(tmp_path, data, run_dir, **{"run.max_steps": 30})
@@ -163,7 +146,7 @@ def test_elastic_mode_carries_on_without_the_lost_node(cluster, data, tmp_path, 
     config = config_for(tmp_path, data, run_dir, **{"run.max_steps": steps, "run.checkpoint_every": 20,
                                                      "data.global_batch_size": 32})
     jobs.append(job_id := submit(TRAIN, str(config), sbatch=(f"--output={tmp_path}/slurm-%j.out", "--no-kill"),
-                                 env={"MIN_NODES": "1"}, nodes=2, nproc=1))
+                                 env={"MIN_NODES": "1", "RDZV_CONF": "last_call_timeout=5"}, nodes=2, nproc=1))
     wait_until(lambda: checkpoints(run_dir) and logged_step(run_dir) >= 60, 120, "step 60 and a checkpoint", job_id)
     reached = logged_step(run_dir)
     killed = time.monotonic()

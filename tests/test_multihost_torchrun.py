@@ -13,10 +13,8 @@ test prints what it measured (run pytest with -s to see it).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from sf2dist.data import synth
+from tests import jobs
+from tests.jobs import checkpoints, host_pids, kill_host, logged_step, status
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSTS_SH = ROOT / "tests" / "hosts.sh"
@@ -37,21 +36,6 @@ pytestmark = pytest.mark.multihost
 
 def _hosts_sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(HOSTS_SH), *args], capture_output=True, text=True, timeout=60)
-
-
-def host_pids(host: str) -> list[int]:
-    """Every process running on `host` (its network namespace)."""
-    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True, timeout=10).stdout
-    return [int(pid) for pid in out.split()]
-
-
-def kill_host(host: str) -> None:
-    """The host dies: every process on it gets SIGKILL at once."""
-    for pid in host_pids(host):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +60,8 @@ def hosts():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("multihost-synth") / "tiny"
-    return synth.generate(out, identities=40, images_per_identity=8, holdout_identities=20, pairs=100, size=32,
-                          seed=3, workers=0)
+def data(tiny_set) -> Path:
+    return tiny_set
 
 
 class Cluster:
@@ -130,39 +112,9 @@ def cluster(hosts, tmp_path):
 def write_config(path: Path, data: Path, run_dir: Path, **settings) -> Path:
     """A one-rank-per-host CPU config for the tiny set; `settings` are dotted keys. The global batch
     (32) is kept on any number of ranks, so a run continues on 1 host what 2 began."""
-    values = {"run.dir": str(run_dir), "run.max_steps": 60, "run.log_every": 5, "run.checkpoint_every": 20,
-              "run.eval_every": 0, "run.timeout_s": TIMEOUT_S, "data.train": str(data / "train"),
-              "data.batch_size": 16, "data.global_batch_size": 32, "data.num_workers": 0,
-              "model.backbone": "smallcnn", "model.embedding_dim": 32, "optim.lr": 0.1, "optim.warmup_steps": 2,
-              "engine.device": "cpu", "eval.benchmarks": [], "logging.wandb_mode": "disabled",
-              "logging.progress": False, **settings}
-    tree: dict = {}
-    for key, value in values.items():
-        section, name = key.split(".")
-        tree.setdefault(section, {})[name] = value
-    path.write_text(json.dumps(tree))  # JSON is YAML
-    return path
-
-
-def logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.csv").read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    return int(lines[-1].split(",")[0]) if len(lines) > 1 else 0
-
-
-def status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place), oldest first."""
-    found = (run_dir / "checkpoints").glob("step_*")
-    return sorted(p for p in found if (p / "model.pt").is_file())
+    return jobs.write_config(path, data, run_dir, **{
+        "run.max_steps": 60, "run.log_every": 5, "run.checkpoint_every": 20, "run.timeout_s": TIMEOUT_S,
+        "data.global_batch_size": 32, "data.num_workers": 0, "eval.benchmarks": [], **settings})
 
 
 def wait_until(predicate, timeout: float, what: str, cluster: Cluster):
@@ -242,7 +194,8 @@ def test_elastic_the_survivor_reforms_alone_and_finishes(cluster, data, tmp_path
     run_dir = tmp_path / "run"
     steps = 600
     config = write_config(tmp_path / "job.yaml", data, run_dir, **{"run.max_steps": steps})
-    survivor, _ = start_both(cluster, config, "elastic", "--max-restarts=3", nnodes="1:2")
+    survivor, _ = start_both(cluster, config, "elastic", "--max-restarts=3", "--rdzv-conf=last_call_timeout=5",
+                             nnodes="1:2")
     wait_until(lambda: checkpoints(run_dir) and logged_step(run_dir) >= 50, 120, "step 50 and a checkpoint", cluster)
     killed = time.monotonic()
     kill_host(HOSTS[1])

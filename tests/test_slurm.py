@@ -11,6 +11,7 @@ running, the session's fixture starts one (as root) or skips saying why.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from tests.slurm_jobs import (ROOT, TRAIN, _run, final_weights, job, log_of, logged_step, status, submit,
-                              wait_done, wait_until, write_config)
+from tests.jobs import (ROOT, TRAIN, _run, final_weights, job, log_of, logged_step, status, submit, wait_done,
+                        wait_until, write_config)
 
 pytestmark = pytest.mark.slurm
 # The two-node cases: one rank on each of two nodes, the same world size as two ranks on one node.
@@ -94,6 +95,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(
     stop_step = preempted["step"]
     assert 120 <= stop_step < steps
     assert (run_dir / "checkpoints" / f"step_{stop_step:08d}").is_dir()
+    assert len(list((run_dir / "checkpoints" / f"step_{stop_step:08d}").glob("head-*.pt"))) == 2  # a shard per rank
 
     state = wait_done(job_id, timeout=300)
     text = log_of(state)
@@ -101,7 +103,6 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(
     assert state["Restarts"] == "1", text  # requeued by the script, once
     assert f"sf2dist: requeue: preempted at step {stop_step} of {steps} with a checkpoint" in text
     assert f"resumed from {run_dir}/checkpoints/step_{stop_step:08d} at step {stop_step}" in text
-    assert len(list((run_dir / "checkpoints" / f"step_{stop_step:08d}").glob("head-*.pt"))) == 2  # a shard per rank
     final = status(run_dir)
     assert final["state"] == "finished" and final["step"] == steps and final["slurm_restart_count"] == 1
 

@@ -30,6 +30,20 @@ def test_requeue_only_a_preemption_of_this_job_and_restart(tmp_path):
         assert not decision and words in why, why
 
 
+@pytest.mark.parametrize("error, lost", [
+    ("RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [10.0.0.2]:4242: Connection reset by peer", True),
+    ("RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 15000ms for recv operation", True),
+    ("ValueError: label 9 out of range", False),
+])
+def test_a_lost_peer_is_not_requeued_by_the_script_and_the_log_says_how_to_go_on(tmp_path, error, lost):
+    # Slurm itself requeues a job whose node failed (--requeue); a peer's crash must not loop
+    failed = {"state": "failed", "step": 60, "error": error, "slurm_job_id": "42", "slurm_restart_count": 1}
+    decision, why = slurm.should_requeue(_status(tmp_path, **failed), {**JOB, "SLURM_JOB_NUM_NODES": "2"})
+    assert not decision and error in why
+    advice = "scancel 42 and submit the same command with --nodes=M"
+    assert (advice in why and "waits until 2 nodes are up" in why) == lost, why
+
+
 def test_no_status_or_a_broken_one_never_requeues(tmp_path):
     decision, why = slurm.should_requeue(tmp_path, JOB)
     assert not decision and "does not exist" in why

@@ -1,12 +1,15 @@
-"""Submitting jobs to the Slurm test cluster (tests/slurm/cluster.sh) and watching them, as a
-user would: sbatch from the repository root, scontrol to see the job, the run directory's files.
-Shared by the one-node tests (test_slurm.py) and the two-node ones (test_multihost_slurm.py).
+"""Training jobs in the tests, started as a user would and watched from outside: a config for the
+tiny synthetic set, the run directory's files (metrics.csv, status.json, checkpoints), jobs
+submitted to the Slurm test cluster (tests/slurm/cluster.sh: sbatch from the repository root,
+scontrol to see the job), and the test hosts' processes (tests/hosts.sh). Shared by
+test_slurm.py, test_multihost_slurm.py and test_multihost_torchrun.py.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -112,3 +115,23 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
                     walk(f"{prefix}.{i}", item)
         walk(path.name, torch.load(path, map_location="cpu", weights_only=False))
     return tensors
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place), oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "model.pt").is_file())
+
+
+def host_pids(host: str) -> list[int]:
+    """Every process running on `host` (its network namespace)."""
+    out = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True, timeout=10).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def kill_host(host: str) -> None:
+    """The host dies: every process on it gets SIGKILL at once."""
+    for pid in host_pids(host):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
