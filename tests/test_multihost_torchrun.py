@@ -190,12 +190,12 @@ def test_a_killed_host_ends_the_job_and_the_survivor_resumes_alone(cluster, data
     assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == int(newest.name[5:]) + 40
 
 
-def test_elastic_the_survivor_reforms_alone_and_finishes(cluster, data, tmp_path):
+def test_elastic_the_survivor_reforms_alone_and_the_replaced_host_joins(cluster, data, tmp_path):
     run_dir = tmp_path / "run"
-    steps = 600
+    steps = 1500
+    elastic = ("--max-restarts=3", "--rdzv-conf=last_call_timeout=5")
     config = write_config(tmp_path / "job.yaml", data, run_dir, **{"run.max_steps": steps})
-    survivor, _ = start_both(cluster, config, "elastic", "--max-restarts=3", "--rdzv-conf=last_call_timeout=5",
-                             nnodes="1:2")
+    survivor, _ = start_both(cluster, config, "elastic", *elastic, nnodes="1:2")
     wait_until(lambda: checkpoints(run_dir) and logged_step(run_dir) >= 50, 120, "step 50 and a checkpoint", cluster)
     killed = time.monotonic()
     kill_host(HOSTS[1])
@@ -209,16 +209,26 @@ def test_elastic_the_survivor_reforms_alone_and_finishes(cluster, data, tmp_path
     resumed_step = int(resumed_line.split("start: step ")[1].split(",")[0])
     wait_until(lambda: logged_step(run_dir) > resumed_step, 60, "a step after the resume", cluster)
     training_again = time.monotonic() - killed
-    code = wait_exit(survivor, 180, cluster)
     print(f"\nmultihost: elastic, {HOSTS[1]} killed at step {reached}..{reached + 4}; {HOSTS[0]} re-formed alone "
           f"and resumed from step {resumed_step} {reformed:.1f} s later, logged a new step {training_again:.1f} s "
-          f"later ({reached - resumed_step}..{reached + 4 - resumed_step} steps lost), finished {steps} steps "
-          f"{time.monotonic() - killed:.1f} s after the kill")
-    assert code == 0, cluster.logs()
+          f"later ({reached - resumed_step}..{reached + 4 - resumed_step} steps lost)")
     assert resumed_step == newest, cluster.log(survivor)  # the newest complete checkpoint at the kill
     assert reached - 20 <= resumed_step <= reached + 4  # run.checkpoint_every=20: at most 20 steps lost
     assert "world size 2 -> 1: global batch 32 kept" in cluster.log(survivor)
+
+    # The host is replaced: the same command there joins at the next restart (the survivor's
+    # ranks checkpoint, stop, and both hosts resume together, resharded 1 -> 2)
+    joined = time.monotonic()
+    replaced = cluster.launch(HOSTS[1], config, "elastic", *elastic, nnodes="1:2")
+    wait_until(lambda: "(saved on 1 rank(s), now 2)" in cluster.log(survivor), 90, "the two hosts resumed", cluster)
+    rejoined = time.monotonic() - joined
+    codes = [wait_exit(proc, 180, cluster) for proc in (survivor, replaced)]
+    print(f"multihost: the replaced {HOSTS[1]} joined; both resumed together {rejoined:.1f} s after its start; "
+          f"finished {steps} steps {time.monotonic() - killed:.1f} s after the kill")
+    assert codes == [0, 0], cluster.logs()
+    assert "world size 1 -> 2: global batch 32 kept" in cluster.log(survivor)
     assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == steps
+    assert sorted(p.name for p in checkpoints(run_dir)[-1].glob("head-*.pt")) == ["head-00000.pt", "head-00001.pt"]
 
 
 def test_a_network_cut_ends_every_rank_and_agent_on_both_hosts(cluster, data, tmp_path):
