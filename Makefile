@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data scaling-bench bench-head-storage gpu-check reproduce clean
+.PHONY: install torch test demo demo-data bench-data bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ demo-data: install
 # Decode + augment throughput of the loader, per core; writes docs/benchmarks.md.
 bench-data: install
 	$(PY) launch/bench_data.py --out docs/benchmarks.md
+
+# Checkpoint save/load seconds of a 1M-class head shard, to choose run.checkpoint_every; writes docs/benchmarks.md.
+BENCH_CHECKPOINT_ARGS ?=
+bench-checkpoint: install
+	$(PY) launch/bench_checkpoint.py --docs docs/benchmarks.md $(BENCH_CHECKPOINT_ARGS)
 
 # Classifier-layer images/s against world size, SphereFace2 beside the softmax baselines, timed
 # in interleaved rounds (ratios with their spread); writes runs/scaling-bench/ (CSV, JSON, PNG)

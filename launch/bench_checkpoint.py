@@ -9,8 +9,9 @@ in one process without a process group (comm's barriers act locally).
 For each world size W (--world-sizes) it builds the head shard that rank 0 of W holds for C
 classes of width D (`parallel.class_range`; rank 0 holds the largest shard and also writes
 model.pt, so the other ranks wait for it at the save's barrier), with a smallcnn backbone so
-that the head is what is written, takes one training step so that the rows' and the backbone's
-SGD momentum exist, and then, --repeat times, into a fresh directory under --dir:
+that the head is what is written, and takes one training step so that the rows' and the
+backbone's SGD momentum exist. Then, in --repeat rounds, each of these cases in turn (so that whatever the
+machine does for a while falls on all of them alike), into a fresh directory under --dir:
 
   save      `checkpoint.save(...)`: what the trainer waits for. torch.save does not fsync, so
             part of the checkpoint may still be in the page cache when it returns;
@@ -21,6 +22,9 @@ SGD momentum exist, and then, --repeat times, into a fresh directory under --dir
 
 The rows are stored as head.storage says: float32 (the default), and bfloat16 (with head.step
 fused, which bfloat16 rows need), whose rows and momentum take half the bytes.
+
+The cases are held in memory together (for the rounds): about 14 GB at the defaults, which take
+about 90 s on 2 cores.
 
     .venv/bin/python launch/bench_checkpoint.py                          # prints the table
     .venv/bin/python launch/bench_checkpoint.py --docs docs/benchmarks.md   # and writes its section
@@ -34,12 +38,13 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from sf2dist import parallel
-from sf2dist.config import ConfigError, config_to_dict, load_config
+from sf2dist.config import Config, ConfigError, config_to_dict, load_config
 from sf2dist.heads import make_head_sgd
 from sf2dist.models import create_backbone
 from sf2dist.report import machine_description, write_section
@@ -52,7 +57,7 @@ STORAGE_SETTINGS = {"float32": ["head.storage=float32"], "bfloat16": ["head.stor
 IMAGE_SIZE = 112
 
 
-def build_shard(cfg, num_classes: int, rank: int, world_size: int):
+def build_shard(cfg: Config, num_classes: int, rank: int, world_size: int):
     """(backbone engine, head, head optimiser) of rank `rank` of `world_size`, one step trained."""
     start, stop = parallel.class_range(num_classes, rank, world_size)
     torch.manual_seed(cfg.run.seed)
@@ -99,44 +104,61 @@ def drop_cached(directory: Path) -> None:
                 os.close(fd)
 
 
-def measure(cfg, *, num_classes: int, world_size: int, repeat: int, scratch: Path) -> dict:
-    """Seconds of save, to disk and load per repeat, and the bytes of rank 0's files."""
-    rank = 0
-    engine, head, head_optimizer = build_shard(cfg, num_classes, rank, world_size)
-    state = checkpoint.TrainerState(step=1, micro_batches=1, world_size=world_size, batch_size=cfg.data.batch_size)
+@dataclass
+class Shard:
+    """One measured case: rank 0's objects for one world size and row storage, and its figures."""
+
+    world_size: int
+    storage: str
+    cfg: Config
+    engine: object
+    head: torch.nn.Module
+    head_optimizer: torch.optim.Optimizer
+    seconds: dict = field(default_factory=lambda: {"save": [], "sync": [], "load": []})
+    head_bytes: int = 0
+    total_bytes: int = 0
+
+
+def checkpoint_once(shard: Shard, root: Path) -> None:
+    """Save `shard` under `root` as the trainer does, fsync it, load it back; appends the seconds."""
+    rank, cfg = 0, shard.cfg
+    state = checkpoint.TrainerState(step=1, micro_batches=1, world_size=shard.world_size,
+                                    batch_size=cfg.data.batch_size)
     extra = {"loss_scale": optim.LossScale(False).state_dict(), "config": config_to_dict(cfg)}
-    seconds = {"save": [], "sync": [], "load": []}
-    head_bytes = total_bytes = 0
+    start = time.perf_counter()
+    saved = checkpoint.save(root / "checkpoints", state, rank=rank, backbone=shard.engine.module, head=shard.head,
+                            head_optimizer=shard.head_optimizer, engine=shard.engine, extra=extra,
+                            keep=cfg.run.keep_checkpoints)
+    shard.seconds["save"].append(time.perf_counter() - start)
+    start = time.perf_counter()
+    fsync_tree(saved)
+    shard.seconds["sync"].append(time.perf_counter() - start)
+    shard.head_bytes = (saved / f"head-{rank:05d}.pt").stat().st_size
+    shard.total_bytes = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
+    drop_cached(saved)
+    start = time.perf_counter()
+    checkpoint.load(saved, rank=rank, world_size=shard.world_size, backbone=shard.engine.module, head=shard.head,
+                    head_optimizer=shard.head_optimizer, engine=shard.engine)
+    shard.seconds["load"].append(time.perf_counter() - start)
+    shutil.rmtree(root)
+
+
+def measure(shards: list[Shard], repeat: int, scratch: Path) -> None:
+    """`repeat` rounds of `checkpoint_once` of every shard in turn, so that whatever the machine does
+    for a while (page-cache reclaim, another job's I/O) falls on all of them alike."""
     for index in range(repeat):
-        root = scratch / f"repeat-{index}" / "checkpoints"
-        start = time.perf_counter()
-        saved = checkpoint.save(root, state, rank=rank, backbone=engine.module, head=head,
-                                head_optimizer=head_optimizer, engine=engine, extra=extra,
-                                keep=cfg.run.keep_checkpoints)
-        seconds["save"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        fsync_tree(saved)
-        seconds["sync"].append(time.perf_counter() - start)
-        head_bytes = (saved / f"head-{rank:05d}.pt").stat().st_size
-        total_bytes = sum(p.stat().st_size for p in saved.rglob("*") if p.is_file())
-        drop_cached(saved)
-        start = time.perf_counter()
-        checkpoint.load(saved, rank=rank, world_size=world_size, backbone=engine.module, head=head,
-                        head_optimizer=head_optimizer, engine=engine)
-        seconds["load"].append(time.perf_counter() - start)
-        shutil.rmtree(root.parent)
-    return {"rows": head.num_local_classes, "head_bytes": head_bytes, "total_bytes": total_bytes, **seconds}
+        for number, shard in enumerate(shards):
+            checkpoint_once(shard, scratch / f"round-{index}-case-{number}")
 
 
 def spread(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def to_markdown(results: list[dict], *, num_classes: int, embedding_dim: int, repeat: int, directory: Path,
+def to_markdown(shards: list[Shard], *, num_classes: int, embedding_dim: int, repeat: int, directory: Path,
                 seconds: float, command: str) -> str:
-    """`results`: measure()'s dicts plus "world_size" and "storage"."""
     classes = f"{num_classes / 1e6:g}M" if num_classes % 100_000 == 0 else f"{num_classes:,}"
-    backbone_bytes = results[0]["total_bytes"] - results[0]["head_bytes"]
+    backbone_bytes = shards[0].total_bytes - shards[0].head_bytes
     lines = [
         f"## Checkpoint time of a {classes}-class head shard (`make bench-checkpoint`)",
         "",
@@ -144,24 +166,27 @@ def to_markdown(results: list[dict], *, num_classes: int, embedding_dim: int, re
         f"{num_classes:,} classes x {embedding_dim}, rows and SGD momentum in the row dtype, with a smallcnn "
         f"backbone and its optimiser (model.pt, backbone_optimizer.pt: {_mb(backbone_bytes)}), "
         f"written by one process to a fresh directory on the disk of {directory}. Median (min-max) of {repeat} "
-        "saves. *save*: until `save` returns, the time training stops (torch.save does not fsync); *+ fsync*: "
-        "then until every file is on the disk; *load*: `checkpoint.load` of it after its pages were dropped "
-        "from the page cache. MB/s: the head file's bytes over the save time.",
+        "saves, in rounds of one save of each row. *save*: until `save` returns, the time training stops "
+        "(torch.save does not fsync); *+ fsync*: then until every file is on the disk; *load*: "
+        "`checkpoint.load` of it after its pages were dropped from the page cache. MB/s: the head file's "
+        "bytes over the save time.",
         "",
         "| W | rows | head file | save s | MB/s | + fsync s | load s |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        rate = r["head_bytes"] / 1e6 / statistics.median(r["save"])
-        lines.append(f"| {r['world_size']} | {r['rows']:,} x {r['storage']} | {_mb(r['head_bytes'])} "
-                     f"| {spread(r['save'])} | {rate:,.0f} | {spread(r['sync'])} | {spread(r['load'])} |")
-    example = max((r for r in results if r["storage"] == "float32"), key=lambda r: r["world_size"], default=results[0])
-    save = statistics.median(example["save"])
+    for shard in shards:
+        times = shard.seconds
+        rate = shard.head_bytes / 1e6 / statistics.median(times["save"])
+        lines.append(f"| {shard.world_size} | {shard.head.num_local_classes:,} x {shard.storage} "
+                     f"| {_mb(shard.head_bytes)} | {spread(times['save'])} | {rate:,.0f} | {spread(times['sync'])} "
+                     f"| {spread(times['load'])} |")
+    example = max((s for s in shards if s.storage == "float32"), key=lambda s: s.world_size, default=shards[0])
+    save = statistics.median(example.seconds["save"])
     lines += [
         "",
         "What it means: a node failure loses the steps since the newest checkpoint, and a checkpoint every "
         "N steps (run.checkpoint_every) costs (save time) / (N x step time) of the run; e.g. with the "
-        f"W={example['world_size']} {example['storage']} save of {save:.2f} s and steps of 0.5 s, "
+        f"W={example.world_size} {example.storage} save of {save:.2f} s and steps of 0.5 s, "
         f"run.checkpoint_every=1000 costs {100 * save / 500:.2f} % of the run and loses at most 1,000 steps "
         "(8.3 minutes) per failure. The ranks of a node save at the same time: ranks that share a disk "
         "write (ranks per node) x C / W rows together, so 8 ranks of W=8 on one node write as many bytes "
@@ -206,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     args.dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    shards = []
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-") as scratch:
         for world_size in world_sizes:
             for storage in storages:
@@ -215,14 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                                                  "engine.device=cpu", *STORAGE_SETTINGS[storage]])
                 except ConfigError as err:
                     parser.error(str(err))
-                result = measure(cfg, num_classes=args.classes, world_size=world_size, repeat=args.repeat,
-                                 scratch=Path(scratch))
-                results.append({**result, "world_size": world_size, "storage": storage})
-                print(f"W={world_size} {storage}: head file {_mb(result['head_bytes'])}, "
-                      f"save {spread(result['save'])} s, + fsync {spread(result['sync'])} s, "
-                      f"load {spread(result['load'])} s", flush=True)
+                shards.append(Shard(world_size, storage, cfg, *build_shard(cfg, args.classes, 0, world_size)))
+        measure(shards, args.repeat, Path(scratch))
+    for shard in shards:
+        print(f"W={shard.world_size} {shard.storage}: head file {_mb(shard.head_bytes)}, "
+              f"save {spread(shard.seconds['save'])} s, + fsync {spread(shard.seconds['sync'])} s, "
+              f"load {spread(shard.seconds['load'])} s", flush=True)
     command = " ".join(["launch/bench_checkpoint.py", *(sys.argv[1:] if argv is None else argv)])
-    markdown = to_markdown(results, num_classes=args.classes, embedding_dim=args.embedding_dim, repeat=args.repeat,
+    markdown = to_markdown(shards, num_classes=args.classes, embedding_dim=args.embedding_dim, repeat=args.repeat,
                            directory=args.dir, seconds=time.perf_counter() - start, command=command)
     print(markdown)
     if args.docs is not None:

@@ -68,14 +68,11 @@ GUARDED_AGENT = textwrap.dedent("""
 
 
 def test_the_guard_ends_an_agent_whose_workers_are_gone_and_whose_store_is_unreachable():
-    start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", GUARDED_AGENT, str(_closed_port()), "closed"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    took = time.monotonic() - start
     assert done.returncode == launcher.EXIT_STORE_LOST, done.stdout + done.stderr
     assert "still here" not in done.stdout
     assert "every worker of this torchrun agent has ended and the rendezvous store 127.0.0.1:" in done.stderr
-    assert took < 6, took  # the worker's 1 s, then about lost_s=1 of failed probes
 
 
 def test_the_guard_leaves_an_agent_alone_while_the_store_answers():
