@@ -47,10 +47,10 @@ def test_its_one_option_comes_before_torchruns():
 
 
 def test_an_exited_child_that_was_not_reaped_is_not_a_live_worker():
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert launcher.live_children(os.getpid()) == [child.pid]
-    time.sleep(1.0)  # exited, not yet reaped: a zombie, as under an agent blocked in a store call
-    assert launcher.live_children(os.getpid()) == []
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    assert child.pid in launcher.live_children(os.getpid())  # (other tests' children may be there too)
+    time.sleep(1.5)  # exited, not yet reaped: a zombie, as under an agent blocked in a store call
+    assert child.pid not in launcher.live_children(os.getpid())
     child.wait()
 
 
