@@ -163,17 +163,19 @@ def test_the_scaling_bench_job_writes_its_outputs(cluster, tmp_path):
         assert list(out_dir.glob(f"*.{suffix}")), f"no .{suffix} in {sorted(out_dir.iterdir())}"
 
 
-@pytest.mark.parametrize("problem", ["config typo", "missing data", "cuda without a gpu"])
+@pytest.mark.parametrize("problem", ["config typo", "missing data", "cuda without a gpu", "min nodes"])
 def test_a_job_that_cannot_start_fails_once_with_the_reason(cluster, data, tmp_path, problem):
     run_dir = tmp_path / "run"
     settings, expected = {
         "config typo": ({}, "config error: unknown key 'optim.lrr' in --set optim.lrr=0.1; did you mean 'optim.lr'?"),
         "missing data": ({"data.train": str(tmp_path / "nowhere")}, "no manifest.json there"),
         "cuda without a gpu": ({"engine.device": "cuda"}, "wants CUDA, but the torch"),
+        "min nodes": ({}, "MIN_NODES=2: elastic mode needs a number of nodes from 1 to this job's 1 (--nodes)"),
     }[problem]
     config = write_config(tmp_path / "job.yaml", data, run_dir, **settings)
     extra = ("--set", "optim.lrr=0.1") if problem == "config typo" else ()
-    job_id = submit(TRAIN, str(config), *extra, sbatch=(f"--output={tmp_path}/slurm-%j.out",))
+    env = {"MIN_NODES": "2"} if problem == "min nodes" else {}
+    job_id = submit(TRAIN, str(config), *extra, sbatch=(f"--output={tmp_path}/slurm-%j.out",), env=env)
     state = wait_done(job_id, timeout=120)
     text = log_of(state)
     assert state["JobState"] == "FAILED" and state["ExitCode"] == "2:0", text
