@@ -8,8 +8,9 @@ For each experiment (sf2dist/reproduce/plan.py) every row's hyper-parameters are
 the validation identities with the first seed, then the chosen setting is trained with every
 seed and evaluated on the test identities. Each training is `launch/train.py` in a
 subprocess; `--out` (runs/reproduce) keeps every run and results.json, and re-running the
-same command skips what is finished. Tables and plots go to `--out` and, unless
-`--no-docs`, into the experiment's section of docs/results.md.
+same command skips what is finished. Tables and plots go to `--out`; the published run
+(`--profile cpu`, `--out runs/reproduce`: make reproduce) also rewrites its experiment's
+section of docs/results.md, and any other run writes a page only when given `--docs FILE`.
 
 Exit status: 0 when every row has test numbers, 1 when a run failed (the others are kept;
 re-running retries it), 2 for a plan or data error.
@@ -30,6 +31,10 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
 
 
+# The run whose tables docs/results.md publishes (make reproduce)
+PUBLISHED_PROFILE, PUBLISHED_OUT, PUBLISHED_DOCS = "cpu", Path("runs/reproduce"), Path("docs/results.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=("losses", "ablation", "noise", "all"), default="all",
@@ -44,16 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "gets its own GPUs from the profile's devices)")
     parser.add_argument("--nproc", type=int, help="ranks per run (default: the profile's; >1 uses torchrun)")
     parser.add_argument("--data", help="where the profile's open-set benchmark is (generated when missing)")
-    parser.add_argument("--docs", type=Path, default=Path("docs/results.md"),
-                        help="results page whose sections are rewritten (default docs/results.md)")
+    parser.add_argument("--docs", type=Path,
+                        help=f"results page whose sections are rewritten (default: {PUBLISHED_DOCS} for the published "
+                             f"run, --profile {PUBLISHED_PROFILE} with --out {PUBLISHED_OUT}; other profiles and "
+                             "outputs write no page unless given one)")
     parser.add_argument("--no-docs", action="store_true", help="leave the results page alone")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the runs that would start now")
     return parser
 
 
+def docs_page(args: argparse.Namespace) -> Path | None:
+    """The results page this invocation rewrites: the published one only for the published run
+    (a throw-away profile or output never overwrites it), another only when named."""
+    if args.no_docs:
+        return None
+    if args.docs is not None:
+        return args.docs
+    if args.profile == PUBLISHED_PROFILE and args.out == PUBLISHED_OUT:
+        return PUBLISHED_DOCS
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    docs = docs_page(args)
     from sf2dist.data import openset, read_manifest
     from sf2dist.data.shards import ShardFormatError
     from sf2dist.report import machine_description
@@ -85,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     command = shlex.join(["python", "launch/reproduce.py", *argv])
     machine = machine_description()
-    if not args.no_docs and not args.dry_run:
-        report.write_setup(plan, args.docs, command=command, machine=machine)
+    if docs is None and not args.no_docs and not args.dry_run:
+        print(f"{PUBLISHED_DOCS} is left alone: only --profile {PUBLISHED_PROFILE} with --out {PUBLISHED_OUT} rewrites "
+              f"it; pass --docs FILE to write this run's tables to a page", flush=True)
+    if docs is not None and not args.dry_run:
+        report.write_setup(plan, docs, command=command, machine=machine)
     status = 0
     for name in chosen:
         experiment = experiments[name]
@@ -109,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries = report.summarize(results, experiment)
         report.plot(summaries, experiment, args.out / f"{name}.png")
         print(report.TABLES[name](summaries, experiment))
-        if not args.no_docs:
-            report.write_docs(results, experiment, args.docs, command=command, machine=machine)
+        if docs is not None:
+            report.write_docs(results, experiment, docs, command=command, machine=machine)
         print(f"{name}: {outcome.wall_seconds / 60:.1f} min, {outcome.trained} trained, {outcome.tested} tested; "
               f"results in {args.out / 'results.json'}, plot {args.out / f'{name}.png'}", flush=True)
         if outcome.failed or outcome.undecided:

@@ -268,3 +268,20 @@ def test_real_tiny_training_and_test_evaluation_through_the_command_line(tmp_pat
     assert (run_dir / "reproduce-train.log").read_text().count("\n# ") == 1
     assert (run_dir / "reproduce-test.log").read_text().count("\n# ") == 1
     assert "0 trained, 0 tested" in capsys.readouterr().out
+
+
+def test_only_the_published_run_rewrites_the_published_results_page():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_cli", ROOT / "launch" / "reproduce.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    def page(*argv):
+        return cli.docs_page(cli.build_parser().parse_args(list(argv)))
+
+    assert page() == Path("docs/results.md")  # make reproduce
+    assert page("--profile", "tiny") is None  # a throw-away profile
+    assert page("--out", "elsewhere") is None  # the published profile into another output
+    assert page("--profile", "tiny", "--docs", "mine.md") == Path("mine.md")
+    assert page("--no-docs") is None
