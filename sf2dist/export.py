@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import contextlib
 import inspect
+import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,30 +80,47 @@ def _missing(err: ImportError) -> MissingPackageError:
     return MissingPackageError(f"ONNX export needs the packages {', '.join(ONNX_PACKAGES)} ({err}); {ONNX_INSTALL}")
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Without the exporter's notes that are about torch, not this model: a warning per
+    torchvision operator it cannot register (torchvision is not a dependency) and a
+    FutureWarning from inside torch's pytree. Errors still show."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def _export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path) -> None:
     dynamo = inspect.signature(torch.onnx.export).parameters.get("dynamo")
     try:
-        if dynamo is not None and dynamo.default is True:  # torch >= 2.9: the torch.export-based exporter
-            torch.onnx.export(
-                model,
-                (example_input,),
-                path,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=False,
-                verbose=False,
-            )
-        else:  # older torch (e.g. the Docker image's): its default, TorchScript-based exporter
-            torch.onnx.export(
-                model,
-                (example_input,),
-                str(path),
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                **({} if dynamo is None else {"dynamo": False}),
-            )
+        with _quiet_exporter():
+            if dynamo is not None and dynamo.default is True:  # torch >= 2.9: the torch.export-based exporter
+                torch.onnx.export(
+                    model,
+                    (example_input,),
+                    path,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    external_data=False,
+                    verbose=False,
+                )
+            else:  # older torch (e.g. the Docker image's): its default, TorchScript-based exporter
+                torch.onnx.export(
+                    model,
+                    (example_input,),
+                    str(path),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    **({} if dynamo is None else {"dynamo": False}),
+                )
     except ImportError as err:
         raise _missing(err) from err
 

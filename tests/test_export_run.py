@@ -2,6 +2,7 @@
 image size the backbone was trained at, where the file goes, and what rotation leaves alone."""
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,18 @@ def test_every_option_says_its_default():
     for option, text in helps.items():
         assert option == "-h" or "default" in text or "required" in text, text
     assert "RUN_DIR/export/step_N.onnx" in helps["--out"] and "trained at" in helps["--image-size"]
+
+
+def test_an_onnx_export_prints_its_result_and_nothing_about_torch(tmp_path):
+    # torch's exporter logs a warning per torchvision operator it cannot register and a
+    # FutureWarning from its pytree: noise around the one line that matters
+    import subprocess
+
+    run = tmp_path / "my-run"
+    save_step(run, 10)
+    export = Path(sys.executable).with_name("sf2dist-export")  # the venv's command, as a user runs it
+    done = subprocess.run([str(export), "--run", str(run), "--format", "onnx"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {run / 'export' / 'step_00000010.onnx'} (onnx)" in done.stdout
+    assert "torchvision" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr
