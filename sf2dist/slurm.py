@@ -34,8 +34,15 @@ def check_ready(cfg: Config, cuda_available: bool | None = None) -> None:
     """Refuse a job that would fail after it got its nodes, or silently train on the CPU."""
     manifest = Path(cfg.data.train) / "manifest.json" if cfg.data.train else None
     if manifest is None or not manifest.is_file():
-        raise NotReady(f"data.train={cfg.data.train!r}: no manifest.json there; convert the data first "
-                       "(sf2dist-convert) or point data.train at a shard directory")
+        why = "convert the data first (sf2dist-convert) or point data.train at a shard directory"
+        if cfg.data.train:
+            from sf2dist.data.shards import ShardFormatError, read_manifest
+
+            try:  # says what the directory is instead: raw images, a synth root, an unfinished conversion
+                read_manifest(cfg.data.train)
+            except ShardFormatError as err:
+                why = str(err)
+        raise NotReady(f"data.train={cfg.data.train!r}: no manifest.json there: {why}")
     missing = [str(p) for p in cfg.eval.benchmarks if not Path(p).exists()]
     if missing:
         raise NotReady(f"eval.benchmarks: {', '.join(missing)} not found")

@@ -65,6 +65,11 @@ def test_ready_checks_data_benchmarks_and_cuda(tmp_path):
     slurm.check_ready(_config(tmp_path, **{"engine.device": "cuda"}), cuda_available=True)
     with pytest.raises(slurm.NotReady, match="no manifest.json there"):
         slurm.check_ready(_config(tmp_path, **{"data.train": str(tmp_path / "elsewhere")}))
+    raw = tmp_path / "faces" / "person_0"
+    raw.mkdir(parents=True)
+    (raw / "0.jpg").write_bytes(b"")
+    with pytest.raises(slurm.NotReady, match="raw images, not shards; convert them first with sf2dist-convert folder"):
+        slurm.check_ready(_config(tmp_path, **{"data.train": str(tmp_path / "faces")}))
     with pytest.raises(slurm.NotReady, match="lfw.bin not found"):
         slurm.check_ready(_config(tmp_path, **{"eval.benchmarks": f"[{tmp_path / 'lfw.bin'}]"}))
     for device in ("cuda", "auto"):  # auto on a GPU job that got no GPU would train on the CPU for days

@@ -26,6 +26,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import sys
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -163,13 +164,24 @@ def _batched(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+def _ignore_interrupt() -> None:
+    """Pool worker initializer: Ctrl-C is the main process's to handle.
+
+    Ctrl-C signals the whole process group. A worker killed by it can die holding the pool's
+    task-queue lock, and then `Pool.terminate` waits for that lock forever while the pool
+    keeps starting replacement workers (issue #23). Workers that ignore SIGINT stay alive
+    until the main process's KeyboardInterrupt terminates the pool.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _validated(batches: Iterator[list[Record]], image_size: tuple[int, int], workers: int):
     """Yield (batch, results) in input order, decoding in `workers` processes (0: here)."""
     if workers == 0:
         for batch in batches:
             yield batch, _check_batch([r[3] for r in batch], image_size)
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=_ignore_interrupt) as pool:
         pending = deque()
         for batch in batches:
             task = pool.apply_async(_check_batch, ([r[3] for r in batch], image_size))
@@ -409,6 +421,17 @@ def _list_identity_folders(root: Path) -> _FolderListing:
     return _FolderListing(identities, files, empty, nested)
 
 
+def _check_out_outside_root(out: Path, root: Path) -> None:
+    """Refuse an output inside the source: its shards would be listed as an identity folder."""
+    if out == root or root in out.parents:
+        where = "is" if out == root else "is inside"
+        raise OptionError(
+            f"--out {out} {where} --root {root}: --out must not be inside --root, or the shards "
+            f"are read back as an identity folder; choose an --out outside {root}, e.g. "
+            f"--out {root.parent / (root.name + '-shards')}"
+        )
+
+
 class _FolderLabels:
     """Labels offset, offset + 1, ... for identity positions in the order they are first asked."""
 
@@ -445,6 +468,7 @@ def convert_folder(
     _check_image_size(image_size)
     _check_max_reject_fraction(max_reject_fraction)
     root = Path(root).resolve()
+    _check_out_outside_root(Path(out_dir).resolve(), root)
     listing = _list_identity_folders(root)
     source = {
         "kind": "folder",

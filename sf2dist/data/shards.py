@@ -25,6 +25,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,32 @@ def write_manifest(
     return path
 
 
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_RAW_PROBE = 100  # entries looked at before deciding: identity datasets hold millions of files
+
+
+def _raw_image_example(directory: Path) -> str | None:
+    """'IDENTITY/IMAGE' when `directory` looks like identity folders of images, else None.
+
+    Only looked at when there is no manifest, to tell raw images from an unfinished
+    conversion (which holds shard files and no folders); the probe is bounded.
+    """
+    try:
+        with os.scandir(directory) as scan:
+            entries = [e for e in islice(scan, _RAW_PROBE) if not e.name.startswith(".")]
+        if any(fnmatch.fnmatch(e.name, "shard-*") for e in entries):
+            return None
+        for folder in sorted((e for e in entries if e.is_dir()), key=lambda e: e.name)[:10]:
+            with os.scandir(folder.path) as scan:
+                images = [e.name for e in islice(scan, _RAW_PROBE)
+                          if e.name.lower().endswith(_IMAGE_SUFFIXES) and e.is_file()]
+            if images:
+                return f"{folder.name}/{min(images)}"
+    except OSError:  # missing or unreadable: the caller's message covers it
+        return None
+    return None
+
+
 def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
     """Read and check the manifest of a shard directory."""
     directory = Path(shard_dir)
@@ -206,6 +233,14 @@ def read_manifest(shard_dir: str | os.PathLike) -> Manifest:
             raise ShardFormatError(
                 f"{directory} has no {MANIFEST_NAME} but its train/ folder does (an "
                 f"sf2dist-synth output): point at {directory / 'train'} instead"
+            )
+        example = _raw_image_example(directory)
+        if example is not None:
+            raise ShardFormatError(
+                f"{directory} has no {MANIFEST_NAME} and holds folders of images (such as "
+                f"{example}): these are raw images, not shards; convert them first with "
+                f"sf2dist-convert folder --root {directory} --out SHARDS (a new directory outside it) "
+                f"and point at SHARDS"
             )
         what = "does not exist" if not directory.exists() else f"has no {MANIFEST_NAME}"
         raise ShardFormatError(
