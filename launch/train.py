@@ -12,6 +12,10 @@ that changes a setting other than the resume-safe ones (run.max_steps, run.epoch
 evaluation, ...: docs/config.md) is refused unless --allow-config-change names it.
 SIGTERM or SIGUSR1, from the first moment: every rank finishes its step, a checkpoint is
 written, status.json says "preempted" and the process exits with status 75.
+Ctrl-C (SIGINT) the same, but status.json says "interrupted" (never requeued) and the exit status
+is 130; a second Ctrl-C aborts at once, leaving the previous complete checkpoint. torchrun forwards
+a SIGINT to the ranks and kills them after its --shutdown-timeout (default 30 s): give a run whose
+step and checkpoint take longer a larger one, e.g. torchrun --shutdown-timeout=300 ...
 
 Exit status, of each rank (torchrun itself exits 1 when any rank fails):
   0   done (trained to the end, or nothing left to train; --print-config: the config and data are sound)
@@ -20,6 +24,8 @@ Exit status, of each rank (torchrun itself exits 1 when any rank fails):
       unexpected error (with a traceback: please report it)
   2   config, data or checkpoint error, found before the first step; the message says what to change
   75  preempted (stop signal): checkpoint written, rerun the same command to resume
+  130 interrupted (Ctrl-C): checkpoint written, rerun the same command to resume; a second Ctrl-C
+      aborts without one
 """
 from __future__ import annotations
 
@@ -52,7 +58,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    stop.install()  # before the imports below: a stop request while the job starts is not lost
+    installed = stop.install()  # before the imports below: a stop request while the job starts is not lost
+    status = _main(argv)
+    if installed and status not in (stop.EXIT_PREEMPTED, stop.EXIT_INTERRUPTED):
+        stop.uninstall()  # called in-process (a test, a notebook): Ctrl-C works as before afterwards
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     from sf2dist import parallel
     from sf2dist.config import ConfigError, check_keys, resolve_config
 
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
+        stop.uninstall()  # nothing to checkpoint: Ctrl-C stops the check at once
         return _print_config(resolved, allowed, info.rank)
     try:
         trainer = Trainer(cfg, allow_config_change=allowed, warnings=resolved.warnings)
@@ -113,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         parallel.shutdown()
+    if summary["interrupted"]:
+        stop.ignore()
+        return stop.EXIT_INTERRUPTED
     if summary["preempted"]:
         stop.ignore()
         return stop.EXIT_PREEMPTED

@@ -18,6 +18,24 @@ TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "lo
 EVAL_COLUMNS = ("step", "benchmark", "accuracy", "accuracy_std", "best_accuracy", "eer", "auc")
 
 
+def logged_outputs(run_dir: Path) -> list[str]:
+    """What RUN_DIR holds of a run that trained: metrics.csv and eval.csv rows, training.png, each
+    described (e.g. "metrics.csv (steps 10 to 100)"). Files with a header only, as an attempt that
+    stopped before its first logged step leaves, do not count."""
+    found = []
+    for name in ("metrics.csv", "eval.csv"):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            steps = [row.get("step", "") for row in csv.DictReader(f)]
+        if steps:
+            found.append(f"{name} (steps {steps[0]} to {steps[-1]}, {len(steps)} rows)")
+    if (run_dir / "training.png").is_file():
+        found.append("training.png")
+    return found
+
+
 class RunLog:
     def __init__(self, run_dir: Path, config: dict, logging_cfg) -> None:
         self.run_dir = run_dir

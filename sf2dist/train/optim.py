@@ -53,6 +53,18 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return 1.0
 
 
+def warmup_warnings(cfg: OptimConfig, total_steps: int) -> list[str]:
+    """A warm-up as long as the run or longer: the rate never reaches optim.lr's peak, or never decays."""
+    if cfg.warmup_steps < total_steps or total_steps < 1:
+        return []
+    last = lr_factor(total_steps - 1, total_steps, cfg)
+    decay = "" if cfg.schedule == "constant" else f" and the optim.schedule={cfg.schedule} decay never starts"
+    return [f"optim.warmup_steps={cfg.warmup_steps} is not less than the run's {total_steps} steps: the learning rate "
+            f"rises for the whole run, to {last:.0%} of optim.lr={cfg.lr:g} at the last step{decay}; set "
+            f"optim.warmup_steps below {total_steps} (e.g. {max(1, total_steps // 10)}, a tenth of the run), or train "
+            f"longer (run.max_steps, run.epochs)"]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -85,15 +97,17 @@ def scale_grads_(params: Iterable[nn.Parameter], factor: float) -> None:
 
 
 def global_grad_norm_and_loss(
-    backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, flag: bool = False, group=None
-) -> tuple[float, float, bool]:
-    """The L2 norm of the whole model's gradient, the global loss and "any rank flagged", in one all-reduce.
+    backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, flag: bool = False, group=None,
+    interrupt: bool = False,
+) -> tuple[float, float, bool, bool]:
+    """The L2 norm of the whole model's gradient, the global loss, "any rank flagged" and "any rank
+    flagged an interrupt", in one all-reduce.
 
     The backbone's gradient is replicated (already averaged by its engine), so its squared
     norm counts once; the head's rows are sharded, so their squares are summed over ranks.
     The SphereFace2 bias is replicated as well and counts once. The loss shares of the ranks
     travel in the same all-reduce, and so does each rank's stop flag (a signal it received), so
-    that every rank learns at the same step that one of them must stop.
+    that every rank learns at the same step that one of them must stop, and whether it was a Ctrl-C.
     """
     sharded = [p for name, p in head.named_parameters() if name != "bias"]
     replicated = [p for name, p in head.named_parameters() if name == "bias"]
@@ -101,11 +115,12 @@ def global_grad_norm_and_loss(
     packed = torch.stack([
         grad_sq_norm(sharded).to(device), loss_share.detach().double().to(device),
         torch.tensor(float(flag), dtype=torch.float64, device=device),
+        torch.tensor(float(interrupt), dtype=torch.float64, device=device),
     ])
     packed = comm.all_reduce(packed, "sum", group)
     total_sq = packed[0] + backbone_sq.to(device) + grad_sq_norm(replicated).to(device)
     norm = math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan")
-    return norm, packed[1].item(), packed[2].item() > 0
+    return norm, packed[1].item(), packed[2].item() > 0, packed[3].item() > 0
 
 
 class LossScale:

@@ -37,7 +37,7 @@ from sf2dist.models import create_backbone
 from sf2dist.models.registry import backbone_arguments
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
-from sf2dist.train.metrics import RunLog, plot_run
+from sf2dist.train.metrics import RunLog, logged_outputs, plot_run
 
 # Backbone arguments the trainer passes itself: from model.embedding_dim and the images' size.
 _TRAINER_ARGUMENTS = ("embedding_dim", "input_size")
@@ -240,7 +240,8 @@ class ResumePoint:
 def resume_point(cfg: Config, allow_config_change: Sequence[str] = ()) -> ResumePoint:
     """The checkpoint this config continues, if any, and the settings it changes (see `ResumePoint.check`).
 
-    Refused here (ValueError): run.resume=false in a directory that holds checkpoints. A new run
+    Refused here (ValueError): a directory with the logged outputs of a run but no checkpoint
+    (`logged_outputs`), and run.resume=false in a directory that holds checkpoints. A new run
     there would mix its checkpoints, metrics and config with the earlier run's, and the
     rotation would delete them. A change of a key that is neither resume-safe
     (`sf2dist.config.RESUME_SAFE_KEYS`) nor in `allow_config_change` is refused by `check`.
@@ -248,6 +249,14 @@ def resume_point(cfg: Config, allow_config_change: Sequence[str] = ()) -> Resume
     run_dir = Path(cfg.run.dir)
     found = checkpoint.checkpoint_dirs(run_dir)
     if not found:
+        logged = logged_outputs(run_dir)
+        if logged:  # a new run there would append to them and overwrite config.yaml and summary.txt
+            raise ValueError(
+                f"run.dir {run_dir} holds the outputs of an earlier run ({', '.join(logged)}) but no checkpoint in "
+                f"{run_dir / 'checkpoints'} to resume from; a new run there would mix its metrics, plot and config "
+                f"with that run's. Start the new run in another directory (--set run.dir=NEW_DIR), or move or delete "
+                f"the earlier run's files first (e.g. mv {run_dir} {run_dir}.old)"
+            )
         return ResumePoint()
     newest = found[-1]
     if not cfg.run.resume:
@@ -387,13 +396,15 @@ def check_run(cfg: Config, allow_config_change: Sequence[str] = (), warnings: Se
         prepare_benchmarks([benchmark], 0, 1, manifest.image_size)
     backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
                                input_size=manifest.image_size[0], **cfg.model.kwargs)
+    batches = math.ceil(manifest.num_samples / (plan.world_size * plan.per_rank))  # per epoch, as the loader counts
+    steps = total_steps(cfg, plan, batches, start_position(point, plan, manifest.num_samples))
     device = torch.device("cuda" if cfg.engine.device == "cuda" or (cfg.engine.device == "auto"
                                                                     and torch.cuda.is_available()) else "cpu")
     return describe_run(
         cfg, manifest=manifest, plan=plan, launcher=info.source, device=device,
         backbone_parameters=sum(p.numel() for p in backbone.parameters()), point=point, config_path=None,
         warnings=[*warnings, *batch_warnings(cfg, plan, manifest.num_samples),
-                  *point.world_size_warnings(cfg, plan)],
+                  *point.world_size_warnings(cfg, plan), *optim.warmup_warnings(cfg.optim, steps)],
     )
 
 
@@ -468,6 +479,7 @@ class Trainer:
             raise ValueError(f"{cfg.run.epochs} epoch(s) of {self.loader.batches_per_epoch} batches make no step of "
                              f"{self.plan.accumulation} micro-batches ({self.plan}); raise run.epochs or set "
                              f"run.max_steps")
+        self.warnings += optim.warmup_warnings(cfg.optim, self.total_steps)
         if self.resume_point.checkpoint is not None:
             # A checkpoint of another model is refused as such; one of this model with other settings
             # gets the list of changed keys.
@@ -479,6 +491,7 @@ class Trainer:
         self.consecutive_bad = 0
         self.log = None
         self.stop_everywhere = False  # some rank got a stop signal: decided together in the step's all-reduce
+        self.interrupted = False  # ... and it was a Ctrl-C on some rank: the run ends "interrupted", not requeued
         self._resumed = False
 
     # -- the loop ---------------------------------------------------------------------------
@@ -503,6 +516,8 @@ class Trainer:
                         dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
         self.engine.train()
         installed = stop.install()  # launch/train.py installed it at start; a Trainer used in-process does here
+        stop.on_abort(f"without a checkpoint of the current step; the newest complete checkpoint in "
+                      f"{self.run_dir / 'checkpoints'} (if any) resumes the run")
         stop.check_file()  # a request sent before this rank could catch the signal
         try:
             results = self._loop(stop_step, progress)
@@ -518,12 +533,14 @@ class Trainer:
                 stop.uninstall()
             progress.close()
         summary = {"step": self.state.step, "skipped_steps": self.state.skipped_steps, "eval": results,
-                   "preempted": self.stop_everywhere}
+                   "preempted": self.stop_everywhere and not self.interrupted, "interrupted": self.interrupted}
         if self.log is not None:
             self.log.finish()
             summary["plot"] = str(plot_run(self.run_dir))
         if self.rank == 0:  # last: "preempted" tells the SLURM script that everything is on disk
-            state = "preempted" if self.stop_everywhere else "finished" if self.state.step == self.total_steps else "stopped"
+            # A Ctrl-C anywhere wins over a scheduler's stop: the person who pressed it wants no requeue
+            state = ("interrupted" if self.interrupted else "preempted" if self.stop_everywhere
+                     else "finished" if self.state.step == self.total_steps else "stopped")
             self._write_status(state, resumed_step)
         # Leave together: under srun --kill-on-bad-exit, a rank that exits while rank 0 still writes
         # would have the whole step killed before the status is on disk.
@@ -612,7 +629,11 @@ class Trainer:
                 results = self._evaluate_or_stop(saved)
                 self.engine.train()
             if self.stop_everywhere:
-                if self.rank == 0:
+                stop.on_abort(f"after the checkpoint of step {self.state.step}, {saved}, which resumes the run")
+                if self.rank == 0 and self.interrupted:
+                    tqdm.write(f"interrupted (Ctrl-C): checkpoint written at step {self.state.step} in {saved}; run "
+                               f"the same command again to resume from it")
+                elif self.rank == 0:
                     tqdm.write(f"stop signal: checkpoint written at step {self.state.step}; exiting for a requeue")
                 break
         return results
@@ -664,9 +685,8 @@ class Trainer:
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
             loss_share += self.head.loss_share(loss)
-        norm, loss, stop_everywhere = optim.global_grad_norm_and_loss(
-            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested())
-        self.stop_everywhere = stop_everywhere
+        norm, loss, self.stop_everywhere, self.interrupted = optim.global_grad_norm_and_loss(
+            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted())
         norm /= scale
         finite = math.isfinite(norm) and math.isfinite(loss)
         if finite:
