@@ -120,7 +120,8 @@ def global_grad_norm_and_loss(
     packed = comm.all_reduce(packed, "sum", group)
     total_sq = packed[0] + backbone_sq.to(device) + grad_sq_norm(replicated).to(device)
     norm = math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan")
-    return norm, packed[1].item(), packed[2].item() > 0, packed[3].item() > 0
+    loss, stop_flags, interrupt_flags = packed[1:4].tolist()  # one read for the three scalars
+    return norm, loss, stop_flags > 0, interrupt_flags > 0
 
 
 class LossScale:
