@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from sf2dist.data import synth
+from tests.jobs import CLUSTER
 
-CLUSTER = Path(__file__).resolve().parent / "slurm" / "cluster.sh"
 
 
 def _idle_nodes() -> tuple[list[str], str | None]:

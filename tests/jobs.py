@@ -19,6 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
+HOSTS_SH = ROOT / "tests" / "hosts.sh"
 TRAIN = "launch/slurm/train.sbatch"
 
 

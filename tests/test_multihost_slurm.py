@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs import (CLUSTER, ROOT, TRAIN, _run, checkpoints, host_pids, job, kill_host, log_of, logged_step,
+from tests.jobs import (CLUSTER, HOSTS_SH, TRAIN, _run, checkpoints, host_pids, job, kill_host, log_of, logged_step,
                         status, submit, wait_done, wait_until, write_config)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multihost]
-HOSTS_SH = ROOT / "tests" / "hosts.sh"
 TIMEOUT_S = 15  # run.timeout_s: how long a collective waits for a dead or unreachable peer
 # What a rank or a torchrun agent of ours looks like in a process list (slurmd and slurmstepd are Slurm's)
 OURS = ("launch/train.py", "torch.distributed.run", "sf2dist.launcher")

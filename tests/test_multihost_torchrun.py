@@ -23,10 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests import jobs
-from tests.jobs import checkpoints, host_pids, kill_host, logged_step, status
+from tests.jobs import HOSTS_SH, ROOT, checkpoints, host_pids, kill_host, logged_step, status
 
-ROOT = Path(__file__).resolve().parents[1]
-HOSTS_SH = ROOT / "tests" / "hosts.sh"
 PREFIX, SUBNET = "sfhost", "10.213.8"
 HOSTS = (f"{PREFIX}0", f"{PREFIX}1")
 STORE = f"{PREFIX}0:29400"  # the rendezvous store lives in the agent on sfhost0
