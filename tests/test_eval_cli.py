@@ -68,12 +68,12 @@ def test_eval_prints_a_table_and_writes_json_and_roc(tmp_path, registry, capsys)
     table = capsys.readouterr().out
     assert "1:1 verification (%)" in table and "\nlfw " in table and "\ncfp " in table
     document = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert document["backbone"] == {"name": "tiny", "kwargs": {"dim": 16}} and document["world_size"] == 1
+    assert document["backbone"] == {"name": "tiny", "kwargs": {"dim": 16}} and document["benchmarks"]["lfw"]["world_size"] == 1
     expected = evaluate_pairs(model, lfw, ExtractOptions(batch_size=128))
     assert document["benchmarks"]["lfw"]["accuracy"] == expected["accuracy"]
     assert document["benchmarks"]["lfw"]["tar_at_far"] == expected["tar_at_far"]
     assert f"{100 * expected['accuracy']:.2f} ± {100 * expected['accuracy_std']:.2f}" in table
-    assert (tmp_path / "out" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "out" / "roc-sum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_directory_uses_its_newest_checkpoint(tmp_path, registry, capsys):

@@ -25,7 +25,7 @@ def test_a_step_directory_is_evaluated_on_the_runs_benchmarks_into_the_run(tmp_p
     document = json.loads((out / "results.json").read_text())
     assert document["checkpoint"] == str(step / "model.pt") and document["step"] == 20
     assert list(document["benchmarks"]) == ["lfw"] and list(elsewhere.iterdir()) == []
-    assert Image.open(out / "roc.png").text["Title"] == "run my-run, step 20, flip sum"
+    assert Image.open(out / "roc-sum.png").text["Title"] == "run my-run, step 20, flip sum"
     # the table says why TAR@FAR is "-" where the set has too few negative pairs
     assert document["benchmarks"]["lfw"]["tar_at_far"]["1e-02"] is None
     assert document["benchmarks"]["lfw"]["tar_at_far"]["1e-01"] is not None
@@ -34,10 +34,9 @@ def test_a_step_directory_is_evaluated_on_the_runs_benchmarks_into_the_run(tmp_p
         "negative pairs: lfw 10)"
     ) in captured.out.splitlines()
     # --run: its newest checkpoint, the same place
-    (out / "results.json").unlink()
     main(["--run", str(run), "--flip", "none"])
     assert json.loads((out / "results.json").read_text())["flip"] == "none"
-    assert Image.open(out / "roc.png").text["Title"] == "run my-run, step 20, flip none"
+    assert Image.open(out / "roc-none.png").text["Title"] == "run my-run, step 20, flip none"
 
 
 def test_without_flip_the_runs_own_flip_test_is_used(tmp_path):
@@ -70,7 +69,7 @@ def test_a_checkpoint_outside_a_run_writes_beside_itself(tmp_path, registry, mon
     lfw = write_pairs(tmp_path / "lfw.bin")
     monkeypatch.chdir(tmp_path / "..")
     main(["--checkpoint", str(tmp_path / "c.pt"), "--benchmark", str(lfw)])
-    assert Image.open(tmp_path / "eval" / "c" / "roc.png").text["Title"] == "c, flip sum"
+    assert Image.open(tmp_path / "eval" / "c" / "roc-sum.png").text["Title"] == "c, flip sum"
 
 
 def test_a_benchmark_of_another_size_than_the_model_takes_is_one_line(tmp_path, capsys):
@@ -106,3 +105,4 @@ def test_every_option_says_its_default():
     for option, text in helps.items():
         assert option == "-h" or "default" in text or "required" in text, text
     assert "the run's own eval.benchmarks" in helps["--benchmark"] and "RUN_DIR/eval/step_N" in helps["--out"]
+    assert "roc-FLIP.png" in helps["--out"]

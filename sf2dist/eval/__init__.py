@@ -4,7 +4,8 @@ Modules: `bin_io` (safe `.bin` and pair-list loading), `metrics` (10-fold accura
 ROC, TAR@FAR, EER, AUC), `ijb` (template pooling, 1:1 and 1:N), `extract` (embeddings
 across ranks, flip-fused by sum, concatenation or not at all), `evaluate` (model +
 benchmark -> numbers; benchmarks prepared once per run for training), `results` (table,
-JSON, ROC plot), `checkpoint` (backbones from checkpoints) and `cli` (`sf2dist-eval`).
+results.json merged over evaluations, ROC plots), `checkpoint` (backbones from
+checkpoints) and `cli` (`sf2dist-eval`).
 """
 from sf2dist.eval.bin_io import (
     BenchmarkFormatError,
@@ -68,7 +69,15 @@ from sf2dist.eval.metrics import (
     tar_at_far,
     verification_accuracy,
 )
-from sf2dist.eval.results import format_table, plot_roc, write_results
+from sf2dist.eval.results import (
+    WrittenResults,
+    format_table,
+    plot_roc,
+    read_results,
+    roc_file,
+    roc_points,
+    write_results,
+)
 
 __all__ = [
     "BenchmarkFormatError",
@@ -86,6 +95,7 @@ __all__ = [
     "Roc",
     "TemplateSubjects",
     "UnsafePickleError",
+    "WrittenResults",
     "align_face",
     "best_accuracy",
     "build_backbone",
@@ -121,8 +131,11 @@ __all__ = [
     "read_checkpoint",
     "read_pair_list",
     "read_pairs",
+    "read_results",
     "roc_auc",
     "roc_curve",
+    "roc_file",
+    "roc_points",
     "roc_summary",
     "run_of_checkpoint",
     "similarity_transform",

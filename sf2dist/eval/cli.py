@@ -5,7 +5,10 @@
 
 Without `--benchmark`, the benchmarks the checkpoint's run evaluated (its config's
 `eval.benchmarks`, stored in the checkpoint) are used. Results go to RUN_DIR/eval/step_N/ for
-a checkpoint of a run (else beside the checkpoint, in eval/NAME/), never the current directory.
+a checkpoint of a run (else beside the checkpoint, in eval/NAME/), never the current directory:
+results.json, which keeps one result per benchmark and flip test over every evaluation of the
+checkpoint written there (`sf2dist.eval.results`), and roc-FLIP.png. A folder whose results.json
+is broken or holds another checkpoint's results is refused before anything is evaluated.
 With `--nproc N` the images of each benchmark are split over N local processes (gloo on
 CPU, NCCL with one GPU each on CUDA); under torchrun the launcher's ranks are used instead.
 Rank 0 prints and writes; every number is computed from the gathered embeddings. User errors
@@ -14,6 +17,7 @@ end with one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import socket
 import sys
@@ -37,7 +41,7 @@ from sf2dist.eval.checkpoint import (
 )
 from sf2dist.eval.evaluate import ExtractOptions, evaluate_prepared, prepare_benchmark
 from sf2dist.eval.extract import FLIP_MODES
-from sf2dist.eval.results import format_table, write_results
+from sf2dist.eval.results import format_table, read_results, write_results
 from sf2dist.report import machine_description
 
 
@@ -80,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         metavar="DIR",
-        help="output folder for results.json and roc.png (default: RUN_DIR/eval/step_N for a checkpoint of a run, "
-        "else eval/NAME beside the checkpoint file)",
+        help="output folder for results.json and roc-FLIP.png, added to when it holds this checkpoint's results "
+        "(default: RUN_DIR/eval/step_N for a checkpoint of a run, else eval/NAME beside the checkpoint file)",
     )
     return parser
 
@@ -119,10 +123,17 @@ def _resolve(args: argparse.Namespace) -> None:
         run = run_of_checkpoint(args.checkpoint)
         base = run / "eval" if run is not None else args.checkpoint.parent / "eval"
         args.out = base / checkpoint_name(args.checkpoint)
+    read_results(args.out, evaluated_checkpoint(args.checkpoint, checkpoint))  # refused here, not after the work
+
+
+def evaluated_checkpoint(path: Path, checkpoint: dict) -> dict:
+    """What results.json says its results are of: the checkpoint's file, step and backbone."""
+    step, backbone = checkpoint_step(checkpoint), checkpoint.get("backbone")
+    return {"checkpoint": str(path.absolute()), "step": step, "backbone": backbone}
 
 
 def roc_title(path: Path, checkpoint: dict, flip: str) -> str:
-    """What roc.png is of: "run NAME, step N, flip MODE" (the checkpoint's name where it is not in a run)."""
+    """What roc-FLIP.png is of: "run NAME, step N, flip MODE" (the checkpoint's name where it is not in a run)."""
     run, step = run_of_checkpoint(path), checkpoint_step(checkpoint)
     parts = [f"run {run.name}" if run is not None else checkpoint_name(path)]
     if step is not None:
@@ -170,18 +181,18 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
         if info.is_main:
             print(format_table(results))
             context = {
-                "checkpoint": str(args.checkpoint),
-                "step": checkpoint_step(checkpoint),
-                "backbone": checkpoint["backbone"],
-                "flip": options.flip,
                 "world_size": info.world_size,
                 "device": str(device),
                 "machine": machine_description(),
                 "sf2dist_version": __version__,
+                "evaluated_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             }
             title = roc_title(args.checkpoint, checkpoint, options.flip)
-            json_path, roc_path = write_results(results, args.out, context, title)
-            print(f"wrote {json_path} and {roc_path}")
+            evaluated = evaluated_checkpoint(args.checkpoint, checkpoint)
+            written = write_results(results, args.out, evaluated, options.flip, context, title)
+            for name, when in written.replaced.items():
+                print(f"replaced the earlier result of {name} (flip {options.flip}) from {when}")
+            print(written.summary())
     finally:
         parallel.shutdown()
 

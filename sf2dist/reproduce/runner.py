@@ -210,7 +210,8 @@ class SubprocessExecutor:
                           "status": "finished" if code == 0 else "failed"}
             if code == 0:
                 results = json.loads((run_dir / TEST_EVAL_DIR / "results.json").read_text())
-                fields["test"] = results["benchmarks"]
+                flip = command[command.index("--flip") + 1]  # the entry of the flip test it asked for
+                fields["test"] = results["evaluations"][flip]["benchmarks"]
             else:
                 evaluation["error"] = _tail(run_dir / "reproduce-test.log")
             fields["test_eval"] = evaluation
