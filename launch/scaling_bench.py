@@ -15,7 +15,9 @@ Three ways to run it:
   python launch/scaling_bench.py --collect DIR              turns those point files into the outputs.
 `--project` adds points up to --max-world from per-rank compute measured here at each shard
 size C/W and a latency/bandwidth model of the collectives (labelled "projected" everywhere),
-e.g. `--project --max-world 64 --intra h100-nvlink --inter ib-ndr`.
+e.g. `--project --max-world 64 --intra h100-nvlink --inter ib-ndr` on GPUs. A GPU link preset
+(NVLink, InfiniBand) over compute timed on a CPU is refused; `--force-project` writes such rows
+anyway, labelled "projected, CPU compute".
 """
 from __future__ import annotations
 
@@ -48,6 +50,20 @@ COMPARISONS = (
     ("sphereface2_0.1", "partial_fc_0.1", "SphereFace2 at sample rate 0.1 / Partial FC 0.1"),
 )
 LINK_CHOICES = (*scaling.LINK_PRESETS, scaling.MEASURED)
+# the ratio table's columns with their definitions, written under it (as `scaling.TABLE_COLUMNS`)
+RATIO_COLUMNS = (
+    ("ratio", "images/s of the first method over images/s of the second; above 1.00 the first is faster."),
+    ("W", "world size, as in the table above."),
+    ("kind", "as in the table above; a ratio is taken between two points of the same kind."),
+    ("median", "the median of the per-round ratios."),
+    ("IQR", "the interquartile range of the per-round ratios."),
+    (f"{100 * scaling.INTERVAL_LEVEL:.0f} % interval", "a percentile bootstrap interval of the median (5,000 "
+     "resamples of the rounds, seed 0). For projected kinds it holds the spread of the timed compute only, not "
+     "the error of the link model."),
+    ("rounds", "timed rounds, pooled over the runs."),
+    ("run to run", "min / median / max of each run's median with --repeat; – with one run."),
+    ("verdict", "whether the interval excludes 1.0."),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", action="store_true",
                    help="add projected points up to --max-world (default off); needs --intra and --inter, "
                         "or their -gbs and -latency-us numbers")
+    p.add_argument("--force-project", action="store_true",
+                   help="projection: accept a GPU link preset (NVLink, InfiniBand) over per-rank compute timed on a "
+                        "CPU, refused without it; its rows are labelled \"projected, CPU compute\" (default off)")
     p.add_argument("--max-world", type=int, default=64, help="projection: the largest world size (default 64)")
     p.add_argument("--ranks-per-node", type=int, default=8,
                    help="projection: ranks sharing the intra-node link (default 8)")
@@ -235,8 +254,9 @@ def add_point_memory(points: list[dict], settings, device: torch.device) -> None
             print(f"memory {p['method']} W={p['world_size']}: peak {p['peak_mem_mib']:,.0f} MiB per rank", flush=True)
 
 
-def project_points(args, methods, settings, device, collectives) -> tuple[list[dict], str]:
-    """Projected points from W=1 to --max-world and the sentence saying what they rest on."""
+def project_points(args, methods, settings, device, collectives, kind: str) -> tuple[list[dict], str]:
+    """Projected points of `kind` (`scaling.projection_kind`) from W=1 to --max-world and the sentence
+    saying what they rest on."""
     measured = None
     if scaling.MEASURED in (args.intra, args.inter):
         try:
@@ -256,7 +276,7 @@ def project_points(args, methods, settings, device, collectives) -> tuple[list[d
     while world <= args.max_world:
         compute = scaling.measure_compute_rounds(methods, settings, world, device)
         points += [scaling.project(m, settings, world, compute[m], links["intra"][0], links["inter"][0],
-                                   args.ranks_per_node) for m in methods]
+                                   args.ranks_per_node, kind) for m in methods]
         print(f"projected W={world}", flush=True)
         world *= 2
     described = [f"{which}-node {link.bandwidth_gbs:.3g} GB/s, {link.latency_us:.3g} us per hop ({source})"
@@ -264,6 +284,9 @@ def project_points(args, methods, settings, device, collectives) -> tuple[list[d
     note = (f"Projected points: one rank's compute measured here at each shard size C/W in interleaved rounds, "
             f"plus a ring model of each collective of the step; {described[0]} within {args.ranks_per_node} ranks, "
             f"{described[1]} beyond.")
+    if kind == scaling.KIND_PROJECTED_CPU:
+        note += (f" Forced ({scaling.FORCE_FLAG}): GPU links over compute timed on {device.type.upper()}, so the rows "
+                 f"\"{kind}\" are the figures of no machine.")
     return points, note
 
 
@@ -278,16 +301,18 @@ def ratio_rows(points: list[dict], runs: list[list[dict]]) -> tuple[list[str], d
             medians = spread.get((world, kind))
             print(scaling.describe_ratio(name, world, kind, summary, medians))
             verdicts[summary.distinguishable].setdefault(name, []).append(
-                f"W={world}{'' if kind == 'measured' else ' (projected)'}")
+                f"W={world}{'' if kind == scaling.KIND_MEASURED else f' ({kind})'}")
             run_to_run = (f"{min(medians):.2f} / {statistics.median(medians):.2f} / {max(medians):.2f}"
                           if medians and len(medians) > 1 else "–")
             rows.append(f"| {name} | {world} | {kind} | {summary.median:.2f}x | {summary.q1:.2f}–{summary.q3:.2f} | "
                         f"{summary.low:.2f}–{summary.high:.2f} | {summary.rounds} | {run_to_run} | "
                         f"{summary.verdict()} |")
-        if (2, "measured") in ratios and (2, "projected") in ratios:
-            measured, projected = ratios[(2, "measured")], ratios[(2, "projected")]
-            checks.append({"ratio": name, "world_size": 2, "projected": projected.median, "measured": measured.median,
-                           "measured_low": measured.low, "measured_high": measured.high,
+        for (world, kind), projected in ratios.items():
+            measured = ratios.get((2, scaling.KIND_MEASURED))
+            if world != 2 or kind == scaling.KIND_MEASURED or measured is None:
+                continue
+            checks.append({"ratio": name, "world_size": 2, "kind": kind, "projected": projected.median,
+                           "measured": measured.median, "measured_low": measured.low, "measured_high": measured.high,
                            "inside": measured.low <= projected.median <= measured.high})
     return rows, verdicts, checks
 
@@ -296,10 +321,11 @@ def check_line(check: dict) -> str:
     """One projection check (a method's step time or a ratio at W=2) in words."""
     where = "inside" if check["inside"] else "outside"
     if "ratio" in check:
-        return (f"W=2 {check['ratio']}: projected {check['projected']:.2f}x, measured {check['measured']:.2f}x "
+        return (f"W=2 {check['ratio']}: {check['kind']} {check['projected']:.2f}x, measured {check['measured']:.2f}x "
                 f"({100 * scaling.INTERVAL_LEVEL:.0f}% interval {check['measured_low']:.2f}–"
                 f"{check['measured_high']:.2f}): {where} the measured interval")
-    return (f"W=2 {check['method']}: projected {check['projected_ms']:.1f} ms/step, measured {check['measured_ms']:.1f} "
+    return (f"W=2 {check['method']}: {check['kind']} {check['projected_ms']:.1f} ms/step, "
+            f"measured {check['measured_ms']:.1f} "
             f"(IQR {check['measured_q1']:.1f}–{check['measured_q3']:.1f}): {where} the measured IQR "
             f"({100 * check['error']:+.0f}%)")
 
@@ -330,12 +356,14 @@ def report(points, runs, settings, args, note: str, checks: list[dict], extra: d
                                          for name, where in verdicts[distinguishable].items()) + ".")
     sections = [
         "## Classifier-layer scaling (`make scaling-bench`)", note, scaling.markdown_table(points),
+        scaling.table_legend(points),
         f"Ratios of images/s, taken round by round (each round times one step of every method, so both sides of a "
         f"ratio share the machine's state) and summarised over the rounds: the median, the interquartile range of "
         f"the per-round ratios, and a bootstrap {level} interval of the median (5,000 resamples of the rounds, "
         f"seed 0)" + (f"; run to run: min / median / max of the {len(runs)} runs' medians." if len(runs) > 1 else "."),
-        f"| ratio | W | kind | median | IQR | {level} interval | rounds | run to run | verdict |\n"
-        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows),
+        "| " + " | ".join(header for header, _ in RATIO_COLUMNS) + " |\n" + "|---" * len(RATIO_COLUMNS) + "|\n"
+        + "\n".join(rows),
+        "\n".join(["Columns:", "", *(f"- **{header}**: {text}" for header, text in RATIO_COLUMNS)]),
         " ".join(sentences),
     ]
     if checks:
@@ -346,10 +374,6 @@ def report(points, runs, settings, args, note: str, checks: list[dict], extra: d
         "sphereface2_fstep is SphereFace2 with its SGD step fused into the forward (`head.step: fused`); "
         "the other methods run the head's optimizer step after the backward. Peak memory per rank is measured "
         "apart from the rounds: each method alone (on CPU in fresh processes), one warm-up and one timed step.",
-        "Head efficiency = step time / the time of the step's three matmuls (cos, dE, dW) alone at the same "
-        "shapes, timed in the same round (once a round for the methods over all classes, which share those "
-        "shapes); the median over rounds. The fused softmax needs a fourth (the logits again, after the "
-        "all-reduced normaliser), so its floor is 4/3 of this one.",
         f"![scaling]({png.name})",
     ]
     write_section(args.docs, "scaling", "\n\n".join(sections))
@@ -383,6 +407,7 @@ def report_memory(rows: list[dict], args, device: torch.device) -> None:
         f"forward, backward and optimizer step, above what the process held before the head was built. "
         f"Measured on {machine_description()}.",
         table,
+        scaling.memory_legend(),
         "Weights + momentum is the floor any SGD-with-momentum head needs. With the separate step the "
         "[C, D] weight gradient comes on top of it; the fused step forms each chunk's row gradient and steps "
         "those rows at once (`head.step: fused`), and bfloat16 storage halves the rest (`head.storage: bfloat16`).",
@@ -449,6 +474,12 @@ def main(argv=None) -> None:
     if scaling.MEASURED in ((args.intra, args.inter) if args.project else ()) and max(world_sizes) < 2:
         raise SystemExit(f"--intra/--inter {scaling.MEASURED} fits the collectives timed at a world size above 1; "
                          f"--world-sizes {args.world_sizes} has none")
+    projected_kind = None
+    if args.project:  # before anything is measured
+        try:
+            projected_kind = scaling.projection_kind(args.intra, args.inter, device, args.force_project)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     check_room_for_heads(methods, settings, world_sizes, device)
     if settings.steps < 10:
         print(f"note: {settings.steps} rounds; the ratio intervals want 10 or more", flush=True)
@@ -470,7 +501,7 @@ def main(argv=None) -> None:
             + f".{scaled}")
     checks, extra = [], {"collectives": collectives, "runs": runs}
     if args.project:
-        projected, projection_note = project_points(args, methods, settings, device, collectives)
+        projected, projection_note = project_points(args, methods, settings, device, collectives, projected_kind)
         points += projected
         checks = scaling.projection_check(points)
         note += " " + projection_note

@@ -285,3 +285,35 @@ def test_only_the_published_run_rewrites_the_published_results_page():
     assert page("--out", "elsewhere") is None  # the published profile into another output
     assert page("--profile", "tiny", "--docs", "mine.md") == Path("mine.md")
     assert page("--no-docs") is None
+
+
+def test_headers_name_the_folds_the_accuracy_was_taken_over(plan, tmp_path):
+    repro, _ = reproduction(plan, tmp_path / "out")
+    repro.run("losses")
+    repro.run("ablation")
+    results = repro.store.data
+    assert plan.openset.folds == 2 and results["fingerprint"]["openset"]["folds"] == 2  # the tiny profile's pair sets
+    # metrics that record their folds (a 2-fold evaluation of the 2-fold pair sets): 2-fold everywhere
+    for record in results["runs"].values():
+        if record.get("test"):
+            record["test"]["test"]["folds"] = 2
+    for name in ("losses", "ablation"):
+        text = report.section(results, repro.experiments[name], plot_link="x.png", command="c", machine="m")
+        assert "| accuracy % (2-fold) | 2-fold std |" in text and "10-fold" not in text
+        assert "accuracy is the 2-fold accuracy on" in text and "laid out in" not in text
+    # metrics without them are sf2dist-eval's, over EVAL_FOLDS (10) folds: the header says so, and the
+    # section says that these are not the pair sets' 2 identity-disjoint folds
+    assert report.EVAL_FOLDS == 10
+    for record in results["runs"].values():
+        if record.get("test"):
+            del record["test"]["test"]["folds"]
+    text = report.section(results, repro.experiments["losses"], plot_link="x.png", command="c", machine="m")
+    assert "| accuracy % (10-fold) | 10-fold std |" in text and "2-fold" not in text
+    assert ("The pair sets are laid out in 2 folds of disjoint identities, but the accuracy splits them into 10 "
+            "folds") in text
+    # a table over runs evaluated differently shows both counts
+    first = next(record for record in results["runs"].values() if record.get("test"))
+    first["test"]["test"]["folds"] = 2
+    summaries = report.summarize(results, repro.experiments["losses"])
+    assert report.fold_label(summaries) == "2/10-fold"
+    assert "| accuracy % (2/10-fold) | 2/10-fold std |" in report.losses_table(summaries, repro.experiments["losses"])

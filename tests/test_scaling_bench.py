@@ -241,11 +241,86 @@ def _check_outputs(out_dir: Path, world_sizes: set[int], methods: int = 4) -> li
     return points
 
 
+def _legend_defines_every_header(text: str) -> int:
+    """Every markdown table in `text` is followed by a "Columns:" legend with a "**header**: ..." line
+    for each of its header cells; returns how many tables there were."""
+    blocks = text.split("\n\n")
+    tables = 0
+    for index, block in enumerate(blocks):
+        if not (block.startswith("| ") and block.split("\n")[1].startswith("|---")):
+            continue
+        tables += 1
+        legend = next((b for b in blocks[index + 1:index + 3] if b.startswith("- **")), None)
+        assert legend is not None and blocks[index + 1] == "Columns:", f"no legend under {block.splitlines()[0]}"
+        headers = [cell.strip() for cell in block.split("\n")[0].strip("|").split("|")]
+        defined = [line.split("**")[1] for line in legend.splitlines()]
+        assert defined == headers, f"the legend defines {defined}, the table has {headers}"
+    return tables
+
+
+def test_every_column_is_defined_in_a_legend():
+    point = {"method": "sphereface2", "world_size": 2, "kind": scaling.KIND_MEASURED, "classes_per_rank": 50,
+             "step_ms": 2.0, "step_ms_q1": 1.0, "step_ms_q3": 3.0, "images_per_s": 10.0, "scaling_efficiency": 1.2,
+             "head_efficiency": 1.5, "peak_mem_mib": None, "comm_calls": 5, "comm_mib": 1.0, "comm_ms": 0.5,
+             "largest_all_reduce_bytes": 4}
+    legend = scaling.table_legend([point])
+    text = scaling.markdown_table([point]) + "\n\n" + legend
+    assert _legend_defines_every_header(text) == 1
+    assert "| 1.20 | 1.50 |" in text  # speed-up ÷ W, then step time ÷ matmul time
+    # the names and definitions say which way is better and why the speed-up can pass 1.00
+    assert ("**speed-up ÷ W**: images/s at this W over images/s of the same method and kind at W=1, "
+            "divided by W") in legend
+    assert "Not bounded by 1.00" in legend and "lower is better" in legend and "Not measured by this table" in legend
+    assert scaling.KIND_PROJECTED_CPU not in legend  # explained only where such rows are
+    assert f"{scaling.KIND_PROJECTED_CPU}: projected with a GPU link preset" in scaling.table_legend(
+        [dict(point, kind=scaling.KIND_PROJECTED_CPU)])
+    row = {"method": "sphereface2_fstep_bf16", "classes_per_rank": 1000, "embedding_dim": 8, "global_batch": 16,
+           "peak_mem_mib": 1.0, "step_ms": 1.0}
+    assert _legend_defines_every_header(scaling.memory_table([memory_row(row)]) + "\n\n" +
+                                        scaling.memory_legend()) == 1
+
+
+def test_the_published_scaling_tables_have_the_headers_and_legends_the_code_writes():
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for name in ("scaling", "head-memory"):
+        section = text.split(f"<!-- {name}:begin -->")[1].split(f"<!-- {name}:end -->")[0]
+        assert _legend_defines_every_header(section) >= 1
+    scaling_section = text.split("<!-- scaling:begin -->")[1]
+    assert "| " + " | ".join(h for h, _ in scaling.TABLE_COLUMNS) + " |" in scaling_section
+    assert scaling.table_legend([{"kind": scaling.KIND_MEASURED}]) in scaling_section
+    assert "| " + " | ".join(h for h, _ in scaling_bench.RATIO_COLUMNS) + " |" in scaling_section
+    assert scaling.memory_legend() in text
+
+
+def test_gpu_link_presets_over_cpu_compute_are_refused_unless_forced():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with pytest.raises(ValueError, match="--intra h100-nvlink and --inter ib-ndr: a GPU link preset over per-rank "
+                                         "compute timed on this machine's CPU"):
+        scaling.projection_kind("h100-nvlink", "ib-ndr", cpu)
+    assert scaling.projection_kind("h100-nvlink", "ib-ndr", cpu, force=True) == "projected, CPU compute"
+    assert scaling.projection_kind("h100-nvlink", "ib-ndr", cuda) == "projected"
+    for intra, inter in (("measured", "ethernet-100g"), (None, None), ("ethernet-100g", "measured")):
+        assert scaling.projection_kind(intra, inter, cpu) == "projected"  # a CPU cluster's links
+    assert {name for name, preset in scaling.LINK_PRESETS.items() if preset.gpu} == {
+        "h100-nvlink", "a100-nvlink", "ib-hdr", "ib-ndr"}
+
+
+def test_project_with_a_gpu_preset_on_cpu_exits_before_measuring(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/scaling_bench.py", *QUICK, "--device", "cpu", "--project",
+                           "--intra", "a100-nvlink", "--inter", "measured", "--out-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not any(tmp_path.iterdir())
+    assert "--project with --intra a100-nvlink: a GPU link preset over per-rank compute timed on this machine's CPU" \
+           in proc.stderr
+    assert '--force-project writes the rows anyway, labelled "projected, CPU compute"' in proc.stderr
+
+
 def test_quick_mode_on_two_gloo_ranks_repeated_and_projected(tmp_path):
     docs = tmp_path / "benchmarks.md"
+    # a GPU preset over CPU compute: only with --force-project, and its rows say so
     out = _run([sys.executable, "launch/scaling_bench.py", *QUICK, "--world-sizes", "2", "--repeat", "2", "--no-point-memory",
                 "--project", "--max-world", "4", "--ranks-per-node", "2", "--intra", "h100-nvlink",
-                "--inter", "measured", "--out-dir", str(tmp_path), "--docs", str(docs)], ROOT)
+                "--inter", "measured", "--force-project", "--out-dir", str(tmp_path), "--docs", str(docs)], ROOT)
     line = next(x for x in out.splitlines() if x.startswith("SphereFace2 / softmax images/s at W=2 (measured)"))
     assert "median of 24 rounds; IQR" in line and "90% interval" in line and "run to run (2 runs)" in line
     assert "distinguishable from 1.0" in line
@@ -260,11 +335,21 @@ def test_quick_mode_on_two_gloo_ranks_repeated_and_projected(tmp_path):
     assert points["softmax"]["largest_all_reduce_bytes"] == 2 * 2 * 16 * 4
     result = json.loads((tmp_path / "scaling.json").read_text())
     assert len(result["runs"]) == 2 and result["collectives"]
-    projected = [p for p in result["points"] if p["kind"] == "projected"]
+    projected = [p for p in result["points"] if p["kind"] != "measured"]
     assert sorted({p["world_size"] for p in projected}) == [1, 2, 4]
+    assert {p["kind"] for p in projected} == {"projected, CPU compute"}
+    with open(tmp_path / "scaling.csv") as f:
+        assert {r["kind"] for r in csv.DictReader(f)} == {"measured", "projected, CPU compute"}
     assert {c["method"] for c in result["projection_check"] if "method" in c} == set(points)
-    assert "projection check W=2 sphereface2: projected" in out
+    assert "projection check W=2 sphereface2: projected, CPU compute" in out
+    assert "SphereFace2 / softmax images/s at W=4 (projected, CPU compute)" in out
     text = docs.read_text()
+    assert "| sphereface2 | 4 | projected, CPU compute | 500 |" in text
+    assert "| SphereFace2 / softmax | 4 | projected, CPU compute |" in text
+    assert "- **kind**: measured: timed with W ranks." in text
+    assert "projected, CPU compute: projected with a GPU" in text
+    assert "Forced (--force-project)" in text
+    assert _legend_defines_every_header(text.split("<!-- scaling:begin -->")[1]) == 2
     assert "## Classifier-layer scaling" in text and "run to run" in text and "preset h100-nvlink" in text
     assert "fitted to the collectives timed in this run" in text and "Projection check" in text
     assert "distinguishable from 1.0 at this spread" in text.lower()

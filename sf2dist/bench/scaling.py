@@ -16,9 +16,11 @@ between two methods is taken round by round: the figure is the median of the per
 ratios, with its interquartile range and a bootstrap 90 % interval (`summarize_ratios`).
 
 Per point: the slowest rank's step time per round (median and IQR over rounds), images/s,
-collective calls/bytes/time per step, and the head efficiency: the median over rounds of the
-step time over the time of the step's three matrix multiplies alone at the same shapes,
-timed in the same round. Peak memory per rank is measured apart, one method at a time
+collective calls/bytes/time per step, and the step's cost over its matmuls: the median over
+rounds of the step time over the time of the step's three matrix multiplies alone at the same
+shapes, timed in the same round (`head_efficiency` in the CSV and JSON; lower is better).
+`TABLE_COLUMNS` defines every column of the markdown table, and `table_legend` writes those
+definitions under it. Peak memory per rank is measured apart, one method at a time
 (`measure_point`: in fresh processes on CPU, before the rounds on CUDA), so that holding
 several heads does not distort it.
 
@@ -26,6 +28,8 @@ several heads does not distort it.
 shard sizes C/W (also in interleaved rounds) plus a latency/bandwidth model of each
 collective, with the link given by a named preset (`LINK_PRESETS`), by numbers, or fitted to
 the collectives the run timed (`fit_link`); such points are labelled "projected" everywhere.
+A GPU link preset over compute timed on a CPU is refused (`projection_kind`): it would give GPU
+cluster figures from CPU step times. Forced, its points are labelled "projected, CPU compute".
 """
 from __future__ import annotations
 
@@ -58,6 +62,9 @@ COLUMNS = (
 )
 # the spread stated with every ratio: a bootstrap interval of the median at this level
 INTERVAL_LEVEL = 0.9
+# what a point is (its "kind"): timed at its world size; or one rank's compute timed here plus
+# modelled collectives; or that with a GPU link preset over compute timed on a CPU (forced only)
+KIND_MEASURED, KIND_PROJECTED, KIND_PROJECTED_CPU = "measured", "projected", "projected, CPU compute"
 
 
 @dataclass(frozen=True)
@@ -515,6 +522,7 @@ def _hops(kind: str, world: int) -> int:
 class LinkPreset(NamedTuple):
     link: Link
     source: str
+    gpu: bool  # a GPU cluster's link: projecting over it from compute timed on a CPU is refused
 
 
 # Nominal figures from vendor specifications, not measurements: bandwidth is the line rate in one
@@ -522,13 +530,15 @@ class LinkPreset(NamedTuple):
 # (no specification states one for a collective).
 LINK_PRESETS = {
     "h100-nvlink": LinkPreset(Link(450.0, 2.0), "H100 SXM NVLink 4: 900 GB/s per GPU counting both directions "
-                                                "(NVIDIA H100 datasheet), so 450 GB/s each way"),
+                                                "(NVIDIA H100 datasheet), so 450 GB/s each way", gpu=True),
     "a100-nvlink": LinkPreset(Link(300.0, 2.0), "A100 SXM NVLink 3: 600 GB/s per GPU counting both directions "
-                                                "(NVIDIA A100 datasheet), so 300 GB/s each way"),
-    "ib-hdr": LinkPreset(Link(25.0, 5.0), "InfiniBand HDR: 200 Gb/s per port, one port per GPU as in a DGX A100"),
-    "ib-ndr": LinkPreset(Link(50.0, 5.0), "InfiniBand NDR: 400 Gb/s per port, one port per GPU as in a DGX H100"),
+                                                "(NVIDIA A100 datasheet), so 300 GB/s each way", gpu=True),
+    "ib-hdr": LinkPreset(Link(25.0, 5.0), "InfiniBand HDR: 200 Gb/s per port, one port per GPU as in a DGX A100",
+                         gpu=True),
+    "ib-ndr": LinkPreset(Link(50.0, 5.0), "InfiniBand NDR: 400 Gb/s per port, one port per GPU as in a DGX H100",
+                         gpu=True),
     "ethernet-100g": LinkPreset(Link(12.5, 20.0), "100 Gb Ethernet line rate, one port per rank, through a TCP stack "
-                                                  "(hence the higher latency)"),
+                                                  "(hence the higher latency)", gpu=False),
 }
 MEASURED = "measured"  # the preset fitted to the collectives timed in the same run
 
@@ -539,6 +549,32 @@ def preset_help() -> str:
              for name, p in LINK_PRESETS.items()]
     return "; ".join(lines) + (f"; {MEASURED}: latency and bandwidth fitted by least squares to the all-reduces and "
                                "all-gathers this run timed at each measured world size above 1")
+
+
+FORCE_FLAG = "--force-project"
+
+
+def projection_kind(intra: str | None, inter: str | None, compute_device: torch.device, force: bool = False) -> str:
+    """The kind of the projected points, given the link presets named (`intra`, `inter`; None where
+    numbers were given instead) and the device the per-rank compute is timed on.
+
+    A GPU link preset (NVLink, InfiniBand: `LinkPreset.gpu`) over compute timed on a CPU would give
+    a GPU cluster's images/s from CPU step times, which is neither this machine's scaling nor a GPU
+    cluster's: refused with a ValueError unless `force`, and then `KIND_PROJECTED_CPU`.
+    """
+    gpu = [f"--{which} {name}" for which, name in (("intra", intra), ("inter", inter))
+           if name in LINK_PRESETS and LINK_PRESETS[name].gpu]
+    if not gpu or compute_device.type == "cuda":
+        return KIND_PROJECTED
+    if force:
+        return KIND_PROJECTED_CPU
+    cpu_links = ", ".join([MEASURED, *(n for n, p in LINK_PRESETS.items() if not p.gpu)])
+    raise ValueError(
+        f"--project with {' and '.join(gpu)}: a GPU link preset over per-rank compute timed on this machine's "
+        f"{compute_device.type.upper()} would print a GPU cluster's images/s made of CPU step times, figures of "
+        f"neither this machine nor a GPU cluster. Project on GPUs (--device cuda), or model a CPU "
+        f"cluster's link ({cpu_links}, or --intra-gbs/--intra-latency-us and --inter-gbs/--inter-latency-us); "
+        f"{FORCE_FLAG} writes the rows anyway, labelled \"{KIND_PROJECTED_CPU}\"")
 
 
 def resolve_link(which: str, preset: str | None, bandwidth_gbs: float | None, latency_us: float | None,
@@ -645,15 +681,15 @@ def measure_compute(method: str, settings: BenchSettings, world: int, device: to
 
 
 def project(method: str, settings: BenchSettings, world: int, compute: dict, intra: Link, inter: Link,
-            ranks_per_node: int) -> dict:
+            ranks_per_node: int, kind: str = KIND_PROJECTED) -> dict:
     """A projected point: per-rank compute measured per round (`measure_compute_rounds`) plus the
-    modelled collectives of one step."""
+    modelled collectives of one step; `kind` as `projection_kind` gives it."""
     link = intra if world <= ranks_per_node else inter
     calls = step_collectives(method, world, settings.batch_per_rank, settings.embedding_dim)
     comm_s = sum(link.seconds(kind, nbytes, world) for kind, nbytes in calls)
     all_reduces = [n for kind, n in calls if kind == "all_reduce"]
     return _point(
-        method, world, "projected", settings, torch.device("cpu"),
+        method, world, kind, settings, torch.device("cpu"),
         round_step_s=[s + comm_s for s in compute["step_s"]], round_floor_s=compute["floor_s"], peak_bytes=None,
         comm_calls=len(calls), comm_bytes=sum(n for _, n in calls), comm_s=comm_s,
         all_reduce_calls=len(all_reduces), largest_all_reduce=max(all_reduces, default=0),
@@ -669,11 +705,11 @@ def projection_check(points: list[dict], world: int = 2) -> list[dict]:
     by_key = {(p["method"], p["world_size"], p["kind"]): p for p in points}
     checks = []
     for (method, w, kind), projected in by_key.items():
-        measured = by_key.get((method, w, "measured"))
-        if kind != "projected" or w != world or measured is None:
+        measured = by_key.get((method, w, KIND_MEASURED))
+        if kind == KIND_MEASURED or w != world or measured is None:
             continue
         checks.append({
-            "method": method, "world_size": world, "projected_ms": projected["step_ms"],
+            "method": method, "world_size": world, "kind": kind, "projected_ms": projected["step_ms"],
             "measured_ms": measured["step_ms"], "measured_q1": measured["step_ms_q1"],
             "measured_q3": measured["step_ms_q3"],
             "inside": measured["step_ms_q1"] <= projected["step_ms"] <= measured["step_ms_q3"],
@@ -686,7 +722,8 @@ def projection_check(points: list[dict], world: int = 2) -> list[dict]:
 
 
 def add_scaling_efficiency(points: list[dict]) -> None:
-    """images/s at W over W times images/s at W=1, for the same method and kind of point."""
+    """images/s at W over W times images/s at W=1, for the same method and kind of point (the
+    table's "speed-up ÷ W"; None without a W=1 point)."""
     single = {(p["method"], p["kind"]): p["images_per_s"] for p in points if p["world_size"] == 1}
     for p in points:
         base = single.get((p["method"], p["kind"]))
@@ -718,7 +755,7 @@ def plot(points: list[dict], path: Path, settings: BenchSettings) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {}
     for method in dict.fromkeys(p["method"] for p in points):
-        for kind, style in (("measured", "-o"), ("projected", "--s")):
+        for kind, style in ((KIND_MEASURED, "-o"), (KIND_PROJECTED, "--s"), (KIND_PROJECTED_CPU, ":^")):
             series = sorted((p["world_size"], p["images_per_s"], p["global_batch"] * 1e3 / p["step_ms_q3"],
                              p["global_batch"] * 1e3 / p["step_ms_q1"])
                             for p in points if p["method"] == method and p["kind"] == kind)
@@ -745,10 +782,53 @@ def plot(points: list[dict], path: Path, settings: BenchSettings) -> None:
     plt.close(fig)
 
 
+# The scaling table's columns with their definitions: `markdown_table` writes the headers,
+# `table_legend` the definitions under the table, so the docs say what every column is.
+TABLE_COLUMNS = (
+    ("method", "the head and how it is stepped (`parse_method`): sphereface2 is SphereFace2 over all classes with "
+               "the SGD step after the backward, _fstep with the step fused into the forward (`head.step: fused`); "
+               "softmax is the sharded softmax with the CosFace margin, sphereface the same with the SphereFace "
+               "margin; partial_fc_<rate> and sphereface2_<rate> sample that fraction of each rank's classes."),
+    ("W", "world size: ranks, each one GPU or one CPU thread (the note above says which)."),
+    ("kind", f"{KIND_MEASURED}: timed with W ranks. {KIND_PROJECTED}: not measured at this W; one rank's compute "
+             "timed in one process at this W's shapes (C/W classes, a gathered batch of W x images per rank) plus "
+             "the collectives' time from the link model named in the note."),
+    ("classes/rank", "C/W, the classes rank 0 holds."),
+    ("step ms, median (IQR)", "one training step of the head (forward, backward, SGD with momentum) as the slowest "
+                              "rank timed it; the median and interquartile range over the timed rounds."),
+    ("images/s", "the global batch (W x images per rank) over the median step time; higher is better."),
+    ("speed-up ÷ W", "images/s at this W over images/s of the same method and kind at W=1, divided by W; 1.00 is "
+                     "linear scaling, higher is better, – without a W=1 row. Not bounded by 1.00: each rank's "
+                     "matmuls stay the same size (C/W classes x W x images per rank), but the work proportional to "
+                     "a rank's classes alone (the SGD step over its [C/W, D] weights and momentum, class sampling, "
+                     "the weights' memory traffic) shrinks with W, so a rank can step faster than at W=1."),
+    ("step time ÷ matmul time", "the step time over the time of the step's three matrix multiplies alone "
+                                "(cos = E W^T, dE = G W, dW = G^T E) at the same shapes, timed in the same round "
+                                "(for sampled methods at the sampled classes); the median over rounds. 1.00: the "
+                                "step costs only its matmuls; lower is better. The softmax heads need a fourth "
+                                "matmul (the logits again, after the all-reduced normaliser), so their floor is 4/3 "
+                                "of this one. Below 1.00 is timing noise (the two are timed apart). "
+                                "`head_efficiency` in scaling.csv."),
+    ("peak MiB/rank", "peak memory of a rank running its method alone, measured apart from the rounds (one warm-up "
+                      "and one timed step): on CPU the resident memory of a fresh process above what it held "
+                      "before, on CUDA the memory torch allocated; – where not measured (projected rows, "
+                      "--no-point-memory)."),
+    ("collectives/step", "collective calls in one step, as `sf2dist.comm` records them (projected: the calls the "
+                         "model counts)."),
+    ("comm MiB/step", "bytes those calls carry, as `sf2dist.comm` records them."),
+    ("comm ms/step", "time spent in those calls, waiting for the other ranks included, the slowest rank's, median "
+                     "over rounds; projected rows: the link model's time, not measured."),
+    ("largest all-reduce", "the largest all-reduce of a step: SphereFace2's is the shared bias's gradient (4 B); "
+                           "the softmax heads all-reduce [2, W x images per rank] floats."),
+)
+NOT_MEASURED = ("Not measured by this table: only the classifier layer is timed (random embeddings in, no backbone "
+                "forward or backward, no backbone gradient all-reduce, no data loading), so its images/s are not "
+                "training throughput; projected rows are a model whose only measured part is one rank's compute.")
+
+
 def markdown_table(points: list[dict]) -> str:
-    header = ("| method | W | kind | classes/rank | step ms, median (IQR) | images/s | scaling eff. | head eff. | "
-              "peak MiB/rank | collectives/step | comm MiB/step | comm ms/step | largest all-reduce |")
-    lines = [header, "|" + "---|" * 13]
+    """The scaling table, one row per point; `table_legend` defines its columns."""
+    lines = ["| " + " | ".join(header for header, _ in TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for p in points:
         fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
         lines.append(
@@ -759,6 +839,17 @@ def markdown_table(points: list[dict]) -> str:
             f"{p['largest_all_reduce_bytes']:,} B |"
         )
     return "\n".join(lines)
+
+
+def table_legend(points: list[dict]) -> str:
+    """What every column of `markdown_table(points)` is, and what the table does not measure."""
+    lines = ["Columns:", ""]
+    for header, text in TABLE_COLUMNS:
+        if header == "kind" and any(p["kind"] == KIND_PROJECTED_CPU for p in points):
+            text += (f" {KIND_PROJECTED_CPU}: projected with a GPU link preset over compute timed on a CPU, written "
+                     f"only under {FORCE_FLAG}: CPU step times with a GPU cluster's links, the figure of no machine.")
+        lines.append(f"- **{header}**: {text}")
+    return "\n".join([*lines, "", NOT_MEASURED])
 
 
 def memory_row(point: dict) -> dict:
@@ -776,16 +867,38 @@ def memory_row(point: dict) -> dict:
     }
 
 
+MEMORY_COLUMNS = (
+    ("method", "as in the scaling table: _fstep steps the rows inside the forward, _bf16 stores them in bfloat16."),
+    ("storage", "the dtype of the class rows and their momentum."),
+    ("optimizer step", "separate: SGD after the backward, over the [C, D] weight gradient; fused: each chunk's rows "
+                       "stepped as the forward forms their gradient."),
+    ("classes/rank", "the classes the one rank holds."),
+    ("images/step", "the batch of the step."),
+    ("weights + momentum MiB", "2 x classes x D x bytes per value: what the head's rows and momentum take, the "
+                               "floor of any SGD-with-momentum head."),
+    ("peak MiB", "the measured peak during forward, backward and optimizer step, above what the process held "
+                 "before the head was built (the section's first paragraph says which memory)."),
+    ("peak over weights + momentum", "peak MiB over weights + momentum MiB, minus 1: what the step adds on top of "
+                                     "the floor; lower is better."),
+    ("identities per GiB of peak", "classes/rank over peak GiB, in millions: how many identities a GiB holds "
+                                   "while training; higher is better."),
+    ("step ms", "the median time of one step, the method alone (no other head held)."),
+)
+
+
 def memory_table(rows: list[dict]) -> str:
-    lines = ["| method | storage | optimizer step | classes/rank | images/step | weights + momentum MiB | "
-             "peak MiB | peak over weights + momentum | identities per GiB of peak | step ms |",
-             "|" + "---|" * 10]
+    """The head-memory table; `memory_legend` defines its columns."""
+    lines = ["| " + " | ".join(header for header, _ in MEMORY_COLUMNS) + " |", "|" + "---|" * len(MEMORY_COLUMNS)]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['storage']} | {r['step']} | {r['classes_per_rank']:,} | {r['global_batch']} | "
             f"{r['state_mib']:,.0f} | {r['peak_mib']:,.0f} | {100 * r['overhead']:+.1f}% | "
             f"{r['identities_per_gib'] / 1e6:.2f}M | {r['step_ms']:,.0f} |")
     return "\n".join(lines)
+
+
+def memory_legend() -> str:
+    return "\n".join(["Columns:", "", *(f"- **{header}**: {text}" for header, text in MEMORY_COLUMNS)])
 
 
 def throughput_ratios(points: list[dict], numerator: str = "sphereface2",

@@ -1,15 +1,18 @@
 """The reproduction's tables and plots, from results.json, and their sections of docs/results.md.
 
 Every number of a row is over its final runs (one per seed, all evaluated on the test
-identities): the mean and the sample standard deviation (ddof 1) across seeds; "10-fold
-std" is the mean over seeds of each run's standard deviation across the 10 folds of the
-LFW protocol. Accuracy is the 10-fold accuracy on the first test pair set; TAR@FAR comes
-from the first IJB-style test benchmark (from the first pair set when there is none). A
-difference between a row and its reference counts only when it exceeds the seed spread,
-|Δ| > std(row) + std(reference); with one seed it cannot be told ("n/a").
+identities): the mean and the sample standard deviation (ddof 1) across seeds; "k-fold std"
+is the mean over seeds of each run's standard deviation across the k folds of the LFW
+protocol. Accuracy is the k-fold accuracy on the first test pair set, k the folds the
+evaluation used: as its metrics record them ("folds"), else sf2dist-eval's (`EVAL_FOLDS`).
+TAR@FAR comes from the first IJB-style test benchmark
+(from the first pair set when there is none). A difference between a row and its reference
+counts only when it exceeds the seed spread, |Δ| > std(row) + std(reference); with one seed
+it cannot be told ("n/a").
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import statistics
@@ -19,10 +22,13 @@ from typing import Sequence
 
 from matplotlib.figure import Figure
 
+from sf2dist.eval.metrics import pair_metrics
 from sf2dist.reproduce import paper
 from sf2dist.reproduce.plan import LOSSES, Experiment, Plan
 
 FARS = ("1e-03", "1e-04", "1e-05")
+# the folds of sf2dist-eval's pair accuracy: it calls `pair_metrics` with its default
+EVAL_FOLDS: int = inspect.signature(pair_metrics).parameters["folds"].default
 RESULTS_HEADER = ("# Results: SphereFace2 against softmax\n\n"
                   "Written by `launch/reproduce.py` (`make reproduce`); each section is rewritten by its experiment. "
                   "The paper's claims and figures are beside each table, with their sources.\n")
@@ -57,6 +63,7 @@ class RowSummary:
     accuracy: Stat
     fold_std: Stat
     tar: dict[str, Stat]  # "1e-04" -> TAR over seeds
+    folds: tuple[int, ...] = ()  # of each run's accuracy, as its evaluation used them
 
 
 def _primary(test: dict, kind: str) -> dict | None:
@@ -73,7 +80,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
         key = f"{experiment.name}/{row.name}"
         stored = results["rows"].get(key, {})
         accuracy, fold_std, tar = [], [], {far: [] for far in FARS}
-        seeds = []
+        seeds, folds = [], []
         for run_id in stored.get("final_runs", []):
             record = results["runs"].get(run_id) or {}
             test = record.get("test")
@@ -85,6 +92,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
             if pairs is not None:
                 accuracy.append(pairs["accuracy"])
                 fold_std.append(pairs["accuracy_std"])
+                folds.append(int(pairs.get("folds", EVAL_FOLDS)))
             if templates is not None:
                 for far in FARS:
                     value = templates.get("tar_at_far", {}).get(far)
@@ -97,9 +105,19 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
         summaries.append(RowSummary(
             key=key, label=row.label, setting=stored.get("setting") or {}, val_score=chosen_score,
             seeds=tuple(seeds), accuracy=Stat(tuple(accuracy)), fold_std=Stat(tuple(fold_std)),
-            tar={far: Stat(tuple(values)) for far, values in tar.items()},
+            tar={far: Stat(tuple(values)) for far, values in tar.items()}, folds=tuple(folds),
         ))
     return summaries
+
+
+def fold_counts(summaries: list[RowSummary]) -> list[int]:
+    """The folds the accuracies of these rows were taken over (module doc), each count once."""
+    return sorted({k for s in summaries for k in s.folds}) or [EVAL_FOLDS]
+
+
+def fold_label(summaries: list[RowSummary]) -> str:
+    """The fold count for headers, e.g. "10-fold"; "2/10-fold" where the runs' evaluations differ."""
+    return "/".join(map(str, fold_counts(summaries))) + "-fold"
 
 
 # -- comparisons --------------------------------------------------------------------------
@@ -162,7 +180,8 @@ def _tar_columns(summary: RowSummary) -> list[str]:
 
 def losses_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     by_name = {s.key.split("/", 1)[1]: s for s in summaries}
-    header = ["loss", "chosen on validation", "seeds", "accuracy % (10-fold)", "10-fold std",
+    folds = fold_label(summaries)
+    header = ["loss", "chosen on validation", "seeds", f"accuracy % ({folds})", f"{folds} std",
               *[f"TAR@{far} %" for far in FARS], "Δ accuracy vs reference (> seed spread?)",
               "Δ TAR@1e-04 (> seed spread?)", "paper", "agrees"]
     rows = []
@@ -184,7 +203,8 @@ def losses_table(summaries: list[RowSummary], experiment: Experiment) -> str:
 
 def ablation_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     by_name = {s.key.split("/", 1)[1]: s for s in summaries}
-    header = ["row", "setting (chosen on validation)", "seeds", "accuracy % (10-fold)", "10-fold std",
+    folds = fold_label(summaries)
+    header = ["row", "setting (chosen on validation)", "seeds", f"accuracy % ({folds})", f"{folds} std",
               *[f"TAR@{far} %" for far in FARS], "against", "Δ accuracy (> seed spread?)", "paper", "agrees"]
     rows = []
     for row in experiment.rows:
@@ -263,12 +283,13 @@ def plot(summaries: list[RowSummary], experiment: Experiment, path: str | os.Pat
                           yerr=[100 * s.std if s.std is not None else 0.0 for s in stats], marker="o", capsize=4,
                           label=loss)
         axes.set_xlabel("labels replaced by other identities (% of each class)")
-        axes.set_ylabel("test accuracy % (10-fold)")
+        axes.set_ylabel(f"test accuracy % ({fold_label(summaries)})")
         axes.grid(True, alpha=0.3)
         axes.legend()
     else:
         labels = [s.key.split("/", 1)[1] for s in summaries]
-        _bars(figure.add_subplot(1, 2, 1), labels, [s.accuracy for s in summaries], "test accuracy % (10-fold)")
+        _bars(figure.add_subplot(1, 2, 1), labels, [s.accuracy for s in summaries],
+              f"test accuracy % ({fold_label(summaries)})")
         _bars(figure.add_subplot(1, 2, 2), labels, [s.tar["1e-04"] for s in summaries], "test TAR@FAR=1e-4 %")
     figure.suptitle(f"{experiment.title}: mean ± std over seeds")
     path = Path(path)
@@ -305,12 +326,12 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
                      f"time); the final runs took {_minutes(compute)} of run time together.")
     lines += [
         "",
-        f"Test identities only: accuracy is the 10-fold accuracy on `{test[0]}`, TAR@FAR from "
+        f"Test identities only: accuracy is the {fold_label(summaries)} accuracy on `{test[0]}`, TAR@FAR from "
         f"`{next((p for p in test if not p.endswith('.bin')), test[0])}`; hyper-parameters were chosen on "
         f"{', '.join(f'`{p}`' for p in results['benchmarks']['val'])} with seed {seeds[0] if seeds else '–'}. "
         f"Mean ± std over seeds {', '.join(map(str, seeds)) or '–'} (sample std); a difference counts only when "
         f"|Δ| exceeds the sum of the two rows' seed std (\"yes\" in the Δ columns), \"agrees\" compares such a "
-        f"difference with the paper's direction.",
+        f"difference with the paper's direction.{_layout_note(results, summaries)}",
         "",
         TABLES[experiment.name](summaries, experiment),
         "",
@@ -323,6 +344,16 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
         lines += ["", "Figures quoted from elsewhere (not yet checked against the paper):"]
         lines += [f"- {f['what']}: {f['value']} ({f['source']})" for f in quoted]
     return "\n".join(lines)
+
+
+def _layout_note(results: dict, summaries: list[RowSummary]) -> str:
+    """A sentence where the generated pair set's folds (identity-disjoint) are not the evaluation's."""
+    layout = ((results.get("fingerprint") or {}).get("openset") or {}).get("folds")
+    if layout is None or fold_counts(summaries) == [layout]:
+        return ""
+    return (f" The pair sets are laid out in {layout} folds of disjoint identities, but the accuracy splits them "
+            f"into {'/'.join(map(str, fold_counts(summaries)))} folds, so each fold's threshold is chosen partly on "
+            f"pairs of its own identities.")
 
 
 def setup_section(plan: Plan, *, command: str, machine: str) -> str:
