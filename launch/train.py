@@ -17,13 +17,17 @@ is 130; a second Ctrl-C aborts at once, leaving the previous complete checkpoint
 a SIGINT to the ranks and kills them after its --shutdown-timeout (default 30 s): give a run whose
 step and checkpoint take longer a larger one, e.g. torchrun --shutdown-timeout=300 ...
 
-Exit status, of each rank (torchrun itself exits 1 when any rank fails):
+Exit status, of each rank (torchrun itself exits 1 when any rank fails; `python -m sf2dist.launcher`
+exits 2 or 75 as the ranks did, with one line instead of torchrun's failure report):
   0   done (trained to the end, or nothing left to train; --print-config: the config and data are sound)
   1   failed after training started: an evaluation that failed (its step is checkpointed), too many
       non-finite steps, a collective time-out; the newest checkpoint resumes the run. Also any
       unexpected error (with a traceback: please report it)
-  2   config, data or checkpoint error, found before the first step; the message says what to change
-  75  preempted (stop signal): checkpoint written, rerun the same command to resume
+  2   config, data or checkpoint error (or a usage error), found before the first step; the message says
+      what to change. A usage or config error is the same on every rank: only local rank 0 prints it, the
+      other ranks exit 2 without a word
+  75  preempted (a stop signal, SIGTERM or SIGUSR1): checkpoint written, rerun the same command to resume
+      (under launch/slurm/train.sbatch the batch script says whether it requeued the job)
   130 interrupted (Ctrl-C): checkpoint written, rerun the same command to resume; a second Ctrl-C
       aborts without one
 """
@@ -38,8 +42,20 @@ import traceback
 from sf2dist import stop
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a rank that is not local rank 0 exits 2 without repeating the usage message."""
+
+    quiet = False
+
+    def error(self, message: str):
+        if self.quiet:
+            self.exit(2)
+        super().error(message)
+
+
+def _parser(quiet: bool = False) -> argparse.ArgumentParser:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.quiet = quiet
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML config file; repeatable, later files win (default: none, every key at its "
                              "default)")
@@ -67,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from sf2dist import parallel
-    from sf2dist.config import ConfigError, check_keys, resolve_config
+    from sf2dist.config import ConfigError, batch_plan, check_keys, resolve_config
 
-    args = _parser().parse_args(argv)
+    info = parallel.discover()
+    # Every rank reads the same command line and config and finds the same mistake: one line per
+    # host (local rank 0) says it, before any process group exists.
+    says = info.local_rank == 0
+    args = _parser(quiet=not says).parse_args(argv)
     try:
         resolved = resolve_config(args.config, args.overrides)
         allowed = check_keys(args.allow_config_change, "--allow-config-change")
     except ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
+        _config_error(err, says)
         return 2
     cfg = resolved.config
-    info = parallel.discover()
     if cfg.engine.type == "deepspeed" and info.source == "single" and not args.print_config:
         given = shlex.join(sys.argv[1:] if argv is None else argv)
         print(f"train.py: engine.type deepspeed needs a process group, even on one GPU, and this process was "
@@ -88,12 +107,14 @@ def _main(argv: list[str] | None) -> int:
 
     # torch and the rest load after the config is known to be sound
     from sf2dist.train import Trainer
-    from sf2dist.train.trainer import BadStepsError, EvaluationError, check_backbone, headline
+    from sf2dist.train.trainer import BadStepsError, EvaluationError, check_backbone, check_settings, headline
 
-    try:
+    try:  # what needs no data read: the backbone's arguments, data.train set, the benchmarks there, the batch split
         check_backbone(cfg, resolved.sources)
-    except ConfigError as err:
-        print(f"train.py: config error: {err}", file=sys.stderr)
+        check_settings(cfg)
+        batch_plan(cfg, info.world_size)
+    except ValueError as err:
+        _config_error(err, says)
         return 2
     if args.print_config:
         stop.uninstall()  # nothing to checkpoint: Ctrl-C stops the check at once
@@ -142,6 +163,11 @@ def _main(argv: list[str] | None) -> int:
     return 0
 
 
+def _config_error(err: Exception, says: bool) -> None:
+    if says:
+        print(f"train.py: config error: {err}", file=sys.stderr, flush=True)
+
+
 def _print_config(resolved, allowed: list[str], rank: int) -> int:
     """--print-config: the resolved config on stdout as YAML, the summary as YAML comments after it."""
     import yaml
@@ -163,4 +189,10 @@ def _print_config(resolved, allowed: list[str], rank: int) -> int:
 
 
 if __name__ == "__main__":
+    # Each line in one write, when it is printed: under a launcher every rank and torchrun write to
+    # the same terminal or log. Unbuffered (PYTHONUNBUFFERED, as in docker/Dockerfile) a print is two
+    # writes, its text and then its newline, and two ranks' lines run together; block-buffered (a
+    # pipe, a file) stdout comes out in 8 KiB pieces, mid-line, long after it was printed.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True, write_through=False)
     sys.exit(main())

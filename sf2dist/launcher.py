@@ -3,8 +3,14 @@
     python -m sf2dist.launcher [--store-lost-s S] TORCHRUN_ARGS...
 
 is `python -m torch.distributed.run TORCHRUN_ARGS...` (same process, same options, signals,
-output and exit status), plus one watchdog thread. Use it for runs across hosts, e.g. on each
-of two hosts:
+output and exit status), plus one watchdog thread, and one difference in what it says: when
+the ranks end with a status of launch/train.py's that is no crash (`WORKER_STATUSES`: 2, a
+usage, config, data or checkpoint error whose message the ranks printed; 75, stopped for a
+stop signal after the checkpoint), it prints one line instead of torchrun's ChildFailedError
+traceback and report, and exits with that status instead of 1; and when torchrun itself gets a
+signal it handles (Ctrl-C, SIGTERM: it passes it on to the ranks and waits --shutdown-timeout for
+them), one line instead of its SignalException traceback, and status 128 + the signal's number.
+Use it for runs across hosts, e.g. on each of two hosts:
 
     python -m sf2dist.launcher --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=HOST0:29400 --rdzv_id=JOB launch/train.py --config CFG
@@ -50,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import sys
 import threading
@@ -60,6 +67,15 @@ STORE_LOST_S = 30.0  # default --store-lost-s: twice torchrun's keep-alive limit
 PROBE_INTERVAL_S = 5.0  # how often the guard looks at the workers and, without any, at the store
 CONNECT_TIMEOUT_S = 5.0  # one probe of the store
 EXIT_STORE_LOST = 1  # torchrun's status when ranks failed; the guard's message says why
+# launch/train.py's exit statuses that are no crash (its docstring): the ranks have said what
+# happened, and torchrun's ~30-line failure report would bury it. -SIGTERM: a rank that torchrun
+# ended once the first had exited (before it got to the same status).
+WORKER_STATUSES = {
+    2: "a usage, config, data or checkpoint error before training started; the ranks' message above says what to "
+       "change",
+    75: "stopped for a stop signal after writing the checkpoint (rank 0's line says where)",
+}
+_ENDED_BY_TORCHRUN = -int(signal.SIGTERM)
 SHARE_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 _OPTION = "--store-lost-s"
@@ -172,6 +188,15 @@ def _split_options(argv: list[str]) -> tuple[float, list[str]]:
     return lost_s, argv
 
 
+def worker_status(failures: dict) -> int | None:
+    """The one status of `WORKER_STATUSES` that the failed ranks share (`failures`: global rank ->
+    torchrun's ProcessFailure), or None: a crash, a signal, or ranks that disagree."""
+    codes = {failure.exitcode for failure in failures.values()} - {_ENDED_BY_TORCHRUN}
+    if len(codes) == 1 and (code := codes.pop()) in WORKER_STATUSES:
+        return code
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     lost_s, torchrun_argv = _split_options(sys.argv[1:] if argv is None else argv)
     if torchrun_argv[:1] in (["-h"], ["--help"]):
@@ -183,10 +208,25 @@ def main(argv: list[str] | None = None) -> None:
     # Each rendezvous round publishes its own MASTER_ADDR/MASTER_PORT (see the module docstring);
     # a value the user exported wins.
     os.environ.setdefault(SHARE_STORE_VARIABLE, "1")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
     sys.argv = ["torchrun", *torchrun_argv]  # torchrun's usage and error lines name itself
-    torchrun_main(torchrun_argv)  # raises as `python -m torch.distributed.run` does: same report, same status
+    try:
+        torchrun_main(torchrun_argv)  # raises as `python -m torch.distributed.run` does: same report, same status
+    except ChildFailedError as err:
+        status = worker_status(err.failures)
+        if status is None:
+            raise
+        print(f"sf2dist.launcher: {err.name} exited with status {status}: {WORKER_STATUSES[status]}", file=sys.stderr,
+              flush=True)
+        sys.exit(status)
+    except SignalException as err:
+        print(f"sf2dist.launcher: torchrun got {signal.Signals(err.sigval).name} and passed it on to the ranks; their "
+              f"lines above say where they stopped (a rank still running --shutdown-timeout seconds later was killed)",
+              file=sys.stderr, flush=True)
+        sys.exit(128 + err.sigval)
 
 
 if __name__ == "__main__":

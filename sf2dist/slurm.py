@@ -2,7 +2,8 @@
 
     python -m sf2dist.slurm prepare CONFIG [--config FILE] [--set key=value ...] [--allow-config-change KEYS]
                                                                     prints the run directory
-    python -m sf2dist.slurm requeue RUN_DIR                         exit 0: requeue, 1: do not
+    python -m sf2dist.slurm requeue RUN_DIR [--cancelled SIGNAL]    exit 0: requeue, 75: stopped with a
+                                                                    checkpoint, not requeued, 1: do not
 
 `prepare` runs once on the batch node before any rank starts, so that a job that cannot work
 fails at once with the reason in its log (and is not requeued): a config error, missing data
@@ -13,7 +14,10 @@ launch/train.py).
 `requeue` says yes only when RUN_DIR/status.json says "preempted" and was written by this
 very job and restart (SLURM_JOB_ID, SLURM_RESTART_COUNT): the ranks write that state last,
 after the checkpoint is complete. A crash, a config error, a finished run or a status left by
-an earlier restart never requeues, so a failing job cannot loop.
+an earlier restart never requeues, so a failing job cannot loop. `--cancelled SIGNAL`: the
+batch script itself got SIGNAL (SIGTERM: a plain scancel, the time limit itself, a preemption
+that cancels), so a preempted run is not requeued either: a user's scancel must cancel. Its
+one line on stderr is the log's only word on what happens next.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import sys
 from pathlib import Path
 
 from sf2dist.config import Config, ConfigError, check_keys, load_config
+from sf2dist.stop import EXIT_PREEMPTED
 
 
 class NotReady(ValueError):
@@ -75,8 +80,9 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-def should_requeue(run_dir: Path, env: dict | None = None) -> tuple[bool, str]:
-    """(requeue?, why) from RUN_DIR/status.json and this job's SLURM_JOB_ID / SLURM_RESTART_COUNT."""
+def should_requeue(run_dir: Path, env: dict | None = None, cancelled: str | None = None) -> tuple[bool, str]:
+    """(requeue?, why) from RUN_DIR/status.json and this job's SLURM_JOB_ID / SLURM_RESTART_COUNT;
+    `cancelled`: the signal the batch script itself got, if any (then never a requeue)."""
     env = os.environ if env is None else env
     path = Path(run_dir) / "status.json"
     try:
@@ -97,7 +103,12 @@ def should_requeue(run_dir: Path, env: dict | None = None) -> tuple[bool, str]:
         if state == "failed" and _lost_peer(status.get("error") or ""):
             detail += f". {lost_peer_advice(env)}"
         return False, f"the run's state is {state!r} at step {status.get('step')}{detail}"
-    return True, f"preempted at step {status.get('step')} of {status.get('total_steps')} with a checkpoint"
+    if cancelled:
+        return False, (f"the job got {cancelled} (scancel, the time limit itself, or a preemption that cancels) and "
+                       f"stopped at step {status.get('step')} of {status.get('total_steps')} with a checkpoint; "
+                       f"the same sbatch command resumes from it")
+    return True, (f"preempted at step {status.get('step')} of {status.get('total_steps')} with a checkpoint; "
+                  f"requeueing job {env.get('SLURM_JOB_ID', 'JOB')}, which resumes from it")
 
 
 def lost_peer_advice(env: dict) -> str:
@@ -125,12 +136,17 @@ def main(argv: list[str] | None = None) -> int:
                          help="--config FILE, --set key=value, --allow-config-change KEYS ... as given to train.py")
     requeue = commands.add_parser("requeue", help="exit 0 if the job should be requeued")
     requeue.add_argument("run_dir", type=Path)
+    requeue.add_argument("--cancelled", metavar="SIGNAL",
+                         help="the batch script itself got this signal (SIGTERM): no requeue, exit 75 after a checkpoint")
     args = parser.parse_args(argv)
 
     if args.command == "requeue":
-        decision, why = should_requeue(args.run_dir)
+        decision, why = should_requeue(args.run_dir, cancelled=args.cancelled)
         print(f"sf2dist: {'requeue' if decision else 'no requeue'}: {why}", file=sys.stderr)
-        return 0 if decision else 1
+        if decision:
+            return 0
+        # cancelled where it would have been requeued: stopped with a checkpoint, as the ranks exit
+        return EXIT_PREEMPTED if args.cancelled and should_requeue(args.run_dir)[0] else 1
 
     configs, overrides, allowed, rest = [args.config], [], [], list(args.rest)
     while rest:

@@ -5,9 +5,11 @@ limit, SIGTERM on `scancel` or preemption). A training process records the reque
 going; the trainer agrees on it with every rank in the step's all-reduce, so all ranks stop
 after the same step and write one checkpoint. `launch/train.py` installs the handler before it
 imports torch, so a request that arrives while the job is still starting is not lost: the
-run then takes one step, checkpoints and exits for a requeue. Repeated signals (a scheduler
+run then takes one step, checkpoints and exits with status 75. Repeated signals (a scheduler
 that signals every process of the job, and the batch script that forwards the same request)
-change nothing: the first one counts.
+change nothing: the first one counts. What happens next is said once, by whoever decides it:
+under launch/slurm/train.sbatch the batch script (requeued or not, `sf2dist.slurm requeue`),
+elsewhere rank 0's line here (`stopped_line`: rerun the same command to resume).
 
 SIGINT (Ctrl-C at a terminal, which signals torchrun and every rank) is a stop request as well:
 the ranks agree on it the same way and checkpoint, but the run ends "interrupted" (exit 130), which
@@ -116,3 +118,20 @@ def interrupted() -> bool:
 def received() -> list[str]:
     """The stop signals received so far, by name."""
     return list(_received)
+
+
+def stopped_line(step: int, checkpoint_dir) -> str:
+    """Rank 0's one line once every rank has stopped for a stop signal and the checkpoint is written.
+
+    It names the signals this process received (the ranks stop together, so rank 0 may have got
+    none: another rank's request stopped it). Under launch/slurm/train.sbatch ($SF2DIST_STOP_FILE
+    set) the batch script alone says whether the job is requeued, since only it knows: it requeues
+    after a SIGUSR1 it forwarded, not after a SIGTERM it got itself (scancel). Anywhere else no
+    scheduler requeues anything, and the line says how to resume.
+    """
+    names = list(dict.fromkeys(name if name.startswith("SIG") else f"the stop request {name}" for name in _received))
+    what = ", ".join(names) if names else "received by another rank"
+    line = f"stop signal ({what}): checkpoint written at step {step} in {checkpoint_dir}"
+    if os.environ.get("SF2DIST_STOP_FILE"):
+        return line
+    return f"{line}; rerun the same command to resume"

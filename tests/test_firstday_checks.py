@@ -93,7 +93,7 @@ def test_print_config_prints_the_resolved_config_and_checks_without_training(tin
     summary = "\n".join(comments)
     for fragment in (f"# run directory: {run_dir}", "# ranks: 1 (single), device cpu, engine ddp, precision fp32",
                      f"# data: {tiny_data / 'train'}: 320 images of 40 classes, 32x32",
-                     "# batch: 400 per rank x 1 rank(s) x 1 accumulation = 400 images per step; 1 steps per epoch",
+                     "# batch: 400 per rank x 1 rank(s) x 1 accumulation = 400 images per step; 1 step per epoch",
                      "# head: sphereface2, margin C, 40 class rows per rank x 128 dims",
                      "# start: step 0, a new run",
                      # item 14: each step repeats samples

@@ -97,3 +97,16 @@ def test_it_runs_torchrun_with_a_fresh_store_address_per_rendezvous_round(tmp_pa
                            str(script), str(seen)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert seen.read_text() == "1"
+
+
+def test_only_a_status_the_ranks_share_and_explain_replaces_torchruns_report():
+    from types import SimpleNamespace
+
+    def failures(*codes):
+        return {rank: SimpleNamespace(exitcode=code) for rank, code in enumerate(codes)}
+
+    assert launcher.worker_status(failures(2, 2)) == 2
+    assert launcher.worker_status(failures(2, -15)) == 2  # the other rank ended by torchrun before it said the same
+    assert launcher.worker_status(failures(75, 75)) == 75
+    for crash in [(1,), (2, 1), (75, 2), (-9,), (-15,), (-15, -15)]:
+        assert launcher.worker_status(failures(*crash)) is None, crash

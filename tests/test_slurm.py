@@ -101,7 +101,13 @@ def test_preemption_checkpoints_requeues_and_resumes_to_the_uninterrupted_state(
     text = log_of(state)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", text
     assert state["Restarts"] == "1", text  # requeued by the script, once
-    assert f"sf2dist: requeue: preempted at step {stop_step} of {steps} with a checkpoint" in text
+    # what happens next, said once: the ranks' line names the signal and the checkpoint, the script's the requeue
+    assert "stop signal (SIGUSR1" in text and f"checkpoint written at step {stop_step} in {run_dir}/checkpoints/" \
+        f"step_{stop_step:08d}\n" in text, text
+    assert text.count(f"sf2dist: requeue: preempted at step {stop_step} of {steps} with a checkpoint; requeueing job "
+                      f"{job_id}, which resumes from it") == 1, text
+    assert "rerun the same command" not in text and "exiting for a requeue" not in text and \
+        "not requeued" not in text, text
     assert f"resumed from {run_dir}/checkpoints/step_{stop_step:08d} at step {stop_step}" in text
     final = status(run_dir)
     assert final["state"] == "finished" and final["step"] == steps and final["slurm_restart_count"] == 1
@@ -145,8 +151,16 @@ def test_the_time_limit_warning_requeues_the_same_way(nodes_for, data, tmp_path,
     state = wait_done(job_id, timeout=120)
     text = log_of(state)
     assert state["JobState"] == "CANCELLED" and int(state["Restarts"]) == restarts, text
-    if status(run_dir).get("slurm_restart_count") == restarts:  # unless the TERM came before the ranks ran
-        assert status(run_dir)["state"] == "preempted" and "not requeued; the same sbatch command resumes" in text
+    assert text.count("; requeueing job") == restarts and "exiting for a requeue" not in text, text
+    cancelled = status(run_dir)
+    if cancelled.get("slurm_restart_count") == restarts:  # unless the TERM came before the ranks ran
+        # the ranks got the SIGTERM Slurm sent (and the script's forward of it): no SIGUSR1 in status.json
+        assert cancelled["state"] == "preempted" and set(cancelled["signals"]) == {"SIGTERM"}, cancelled
+        last = text[text.rindex(f"(restart {restarts})"):]  # this restart's part of the log
+        assert (f"sf2dist: no requeue: the job got SIGTERM (scancel, the time limit itself, or a preemption that "
+                f"cancels) and stopped at step {cancelled['step']} of {steps} with a checkpoint; the same sbatch "
+                f"command resumes from it") in last, last
+        assert "requeueing" not in last and "rerun the same command" not in last, last
     time.sleep(3)
     assert job(job_id)["JobState"] == "CANCELLED"
 

@@ -1,6 +1,7 @@
 """What a run reports: metrics.csv and eval.csv in the run directory, wandb, the final plot.
 
-Only rank 0 holds a `RunLog`. wandb runs offline unless the config says otherwise; if it
+Only rank 0 holds a `RunLog`. wandb runs offline unless the config says otherwise, and quietly
+(its files are written as ever; its run history and summary are not printed at the end); if it
 cannot start (no network for online mode, a broken install) the run goes on with a warning
 and the CSV files, which always exist.
 """
@@ -57,9 +58,12 @@ class RunLog:
             try:
                 import wandb
 
+                # quiet: wandb's start lines (where its files are) and its warnings and errors stay, its
+                # ~30-line history and summary at finish go, so a run's output ends with its results
                 self.wandb = wandb.init(
                     project=logging_cfg.wandb_project, entity=logging_cfg.wandb_entity, mode=logging_cfg.wandb_mode,
                     dir=str(run_dir), config=config, name=run_dir.name, resume="allow",
+                    settings=wandb.Settings(quiet=True),
                 )
             except Exception as err:  # wandb must never take a training run down
                 warnings.warn(f"wandb could not start ({err}); metrics go to {self.train_path} only", stacklevel=2)

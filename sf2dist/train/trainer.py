@@ -346,6 +346,12 @@ def describe_run(cfg: Config, *, manifest: Manifest, plan: BatchPlan, launcher: 
                  backbone_parameters: int, point: ResumePoint, config_path: Path | None,
                  warnings: Sequence[str] = ()) -> list[str]:
     """The start-up summary: what runs where, on what data, with what memory, from which step."""
+
+    def count(number: float, noun: str, plural: str | None = None, spec: str = ",") -> str:
+        """'1 step', '20 steps', '2.5 steps', '1,000 images': the number as printed decides the noun."""
+        text = format(number, spec)
+        return f"{text} {noun if text == '1' else plural or noun + 's'}"
+
     world_size = plan.world_size
     batches = math.ceil(manifest.num_samples / (world_size * plan.per_rank))  # per epoch, as the loader counts
     steps_per_epoch = batches / plan.accumulation
@@ -354,20 +360,20 @@ def describe_run(cfg: Config, *, manifest: Manifest, plan: BatchPlan, launcher: 
     # where the data position ends, as the progress line's epoch counts it (also after a resume
     # whose steps before it held another number of images)
     end = start_micro_batches + max(0, total - start_step) * plan.accumulation
-    epochs = f"{end / batches:.3g} epochs"
+    epochs = count(end / batches, "epoch", spec=".3g")
     kept = " (data.global_batch_size)" if cfg.data.global_batch_size is not None else ""
     margin = f", margin {cfg.head.margin}" if cfg.head.margin else ""
     lines = [
         f"run directory: {cfg.run.dir}" + (f" (config: {config_path})" if config_path else ""),
         f"ranks: {world_size} ({launcher}), device {device}, engine {cfg.engine.type}, "
         f"precision {cfg.engine.precision}",
-        f"data: {cfg.data.train}: {manifest.num_samples:,} images of {manifest.num_classes:,} classes, "
-        f"{manifest.image_size[0]}x{manifest.image_size[1]}",
-        f"batch: {plan} = {plan.global_batch} images per step{kept}; {steps_per_epoch:g} steps per epoch; "
-        f"{total} steps ({epochs})",
+        f"data: {cfg.data.train}: {count(manifest.num_samples, 'image')} of "
+        f"{count(manifest.num_classes, 'class', 'classes')}, {manifest.image_size[0]}x{manifest.image_size[1]}",
+        f"batch: {plan} = {count(plan.global_batch, 'image')} per step{kept}; "
+        f"{count(steps_per_epoch, 'step', spec='g')} per epoch; {count(total, 'step')} ({epochs})",
         f"head: {cfg.head.type}{margin}, {head_memory(cfg, manifest.num_classes, world_size)}",
-        f"backbone: {cfg.model.backbone}, {backbone_parameters:,} parameters ({_size(4 * backbone_parameters)} "
-        f"in float32)",
+        f"backbone: {cfg.model.backbone}, {count(backbone_parameters, 'parameter')} "
+        f"({_size(4 * backbone_parameters)} in float32)",
     ]
     if point.checkpoint is None:
         lines.append("start: step 0, a new run")
@@ -634,7 +640,7 @@ class Trainer:
                     tqdm.write(f"interrupted (Ctrl-C): checkpoint written at step {self.state.step} in {saved}; run "
                                f"the same command again to resume from it")
                 elif self.rank == 0:
-                    tqdm.write(f"stop signal: checkpoint written at step {self.state.step}; exiting for a requeue")
+                    tqdm.write(stop.stopped_line(self.state.step, saved))
                 break
         return results
 
