@@ -390,6 +390,15 @@ class PartialFCHead(ShardedHead):
         return _Logits(self.margin, self.m, self.s)
 
     @property
+    def last_step_columns(self) -> int | None:
+        """The class columns the last forward computed (those offset out of its loss included)."""
+        if self._last_kept is None:
+            return None
+        if isinstance(self._last_kept, slice):
+            return self.num_local_classes
+        return (self._last_kept[0] if isinstance(self._last_kept, tuple) else self._last_kept).numel()
+
+    @property
     def last_sampled_classes(self) -> torch.Tensor | None:
         """Global ids of the classes the last forward kept, ascending (None before any forward).
         Formed when asked: a step at rate 1 keeps every class without listing them."""
