@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-PARTS = ("cuda_tests", "end_to_end", "head_efficiency", "max_classes", "scaling_bench")
+PARTS = ("cuda_tests", "end_to_end", "host_syncs", "head_efficiency", "max_classes", "scaling_bench")
 
 
 def main(argv: list[str] | None = None) -> int:

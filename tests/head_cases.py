@@ -56,7 +56,7 @@ def global_batch(name: str, world_size: int, cases: dict = CASES) -> tuple[torch
     embeddings = torch.randn(total, EMBEDDING_DIM, generator=generator, dtype=torch.float64)
     pattern = case.get("labels", "random")
     if pattern == "random":
-        labels = torch.randint(0, NUM_CLASSES, (total,), generator=generator)
+        labels = torch.randint(0, case.get("classes", NUM_CLASSES), (total,), generator=generator)
     elif pattern == "first3":  # all on rank 0's shard; the other shards hold none of them
         labels = torch.randint(0, 3, (total,), generator=generator)
     else:  # every sample is the last class
@@ -109,8 +109,11 @@ FUSED_CASES = {
     "sf2-C-fractional-t": dict(head="sf2", kwargs=dict(margin="C", alpha=0.8, r=64.0, m=0.5, t=2.5, loss_weight=50.0)),
     "sf2-C-labels-on-one-shard": dict(head="sf2", kwargs=dict(margin="C"), labels="first3"),
     "sf2-A-uneven-batches": dict(head="sf2", kwargs=dict(margin="A", m=0.5), sizes="uneven"),
-    "sf2-C-sampled": dict(head="sf2", kwargs=dict(margin="C", sample_rate=0.5)),
-    "sf2-M-sampled-uneven": dict(head="sf2", kwargs=dict(margin="M", m=1.5, sample_rate=0.3), sizes="uneven"),
+    # 60 classes: a sampled SphereFace2 step uses max(ceil(p L), N + 1) of a shard's L rows, fewer than L
+    # only where the shard holds more than the global batch N
+    "sf2-C-sampled": dict(head="sf2", kwargs=dict(margin="C", sample_rate=0.5), classes=60),
+    "sf2-M-sampled-uneven": dict(head="sf2", kwargs=dict(margin="M", m=1.5, sample_rate=0.3), sizes="uneven",
+                                 classes=60),
     "cosface": dict(head="pfc", kwargs=dict(margin="cosface")),
     "arcface": dict(head="pfc", kwargs=dict(margin="arcface")),
     "arcface-uneven-batches": dict(head="pfc", kwargs=dict(margin="arcface", m=0.3), sizes="uneven"),
@@ -148,7 +151,7 @@ def run_fused_case(name: str, rank: int, world_size: int, implementation: str, c
     start = sum(sizes[:rank])
     local = embeddings[start : start + sizes[rank]].clone().requires_grad_(True)
     cls = SphereFace2Head if case["head"] == "sf2" else PartialFCHead
-    head = cls(NUM_CLASSES, EMBEDDING_DIM, seed=3, implementation=implementation, chunk_size=chunk_size,
+    head = cls(case.get("classes", NUM_CLASSES), EMBEDDING_DIM, seed=3, implementation=implementation, chunk_size=chunk_size,
                **case["kwargs"]).double()
     with torch.no_grad():  # rows of uneven norms, so that the softmax head's normalisation counts
         head.weight.mul_(torch.linspace(0.5, 2.0, head.num_local_classes, dtype=torch.float64).unsqueeze(1))

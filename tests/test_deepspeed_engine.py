@@ -93,8 +93,8 @@ def train_step(engine, head, head_optimizer, step: int, rank: int, world_size: i
     """One optimizer step as the trainer takes it; returns the figures the checks compare."""
     loss_share = forward_backward(engine, head, *local_batch(step, rank, world_size), accumulation)
     backbone_sq = engine.grad_sq_norm()
-    # (norm, loss, ...): only the first two matter here
-    scaled_norm, global_loss = optim.global_grad_norm_and_loss(backbone_sq, head, loss_share)[:2]
+    numbers = optim.global_grad_norm_and_loss(backbone_sq, head, loss_share)
+    scaled_norm, global_loss = numbers.grad_norm, numbers.loss
     engine.scale_grads_(1.0 / LOSS_SCALE)
     optim.scale_grads_(head.parameters(), 1.0 / LOSS_SCALE)
     clip = min(1.0, CLIP_NORM / (scaled_norm / LOSS_SCALE + 1e-6))

@@ -47,6 +47,7 @@ def test_the_report_names_each_figure_and_each_failure():
         "end_to_end": {"softmax": {"images_per_s": 3210.4, "step_ms": 79.7, "peak_memory_gib": 30.2,
                                    "host_syncs_per_step": 4.0},
                        "partial_fc_0.1": {"error": "OutOfMemoryError: no"}},
+        "host_syncs": {"sphereface2": {"host_syncs_per_step": 1.0, "steps": 5}, "cosface": {"error": "X: y"}},
         "head_efficiency": {"sphereface2/no": {"step_ms": 4.0, "matmul_ms": 2.0, "head_efficiency": 2.0}},
         "max_classes": {"largest": 32_000_000, "first_failure": 64_000_000, "identities_per_gib": 230_000.0},
         "scaling_bench": {"error": "RuntimeError: nccl"},
@@ -56,6 +57,7 @@ def test_the_report_names_each_figure_and_each_failure():
     assert "softmax: 3,210 images/s (79.7 ms per step, peak 30.2 GiB, 4.0 host syncs per step)" in text
     assert "partial_fc_0.1: failed (OutOfMemoryError: no)" in text
     assert "| sphereface2 | no | 4.00 | 2.00 | 2.00 |" in text
+    assert "| sphereface2 | 1.0 |" in text and "| cosface | failed: X: y |" in text
     assert "32,000,000 classes (230,000 identities per GiB; 64000000 did not fit)" in text
     assert "scaling_bench: RuntimeError: nccl" in text
 

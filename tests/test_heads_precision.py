@@ -147,16 +147,16 @@ def test_partial_fc_gradients_under_half_autocast_match_float32(case, autocast_d
 
 
 def test_bfloat16_storage_weights_the_sampled_classes_in_float32():
-    labels = torch.arange(7)  # 53 absent classes of 60; ceil(0.1 * 53) = 6 drawn, each weighted 53/6
+    labels = torch.arange(4)  # 56 absent classes of 60; a step uses max(ceil(0.1 * 60), 4 + 1) = 6 rows: 2 drawn, each weighted 56/2
     stored = SphereFace2Head(60, 16, sample_rate=0.1, seed=3, storage_dtype=torch.bfloat16)
     plain = SphereFace2Head(60, 16, sample_rate=0.1, seed=3)
     with torch.no_grad():
         plain.weight.copy_(stored.weight.float())  # the same (bfloat16-exact) rows in float32
     _, class_weight = stored.sample_rows(labels)
     assert class_weight.dtype == torch.float32
-    assert torch.equal(class_weight[class_weight != 1], torch.full((6,), 53 / 6))
+    assert torch.equal(class_weight[class_weight != 1], torch.full((2,), 56 / 2))
     stored.sample_step = 0
-    embeddings = torch.randn(7, 16, generator=torch.Generator().manual_seed(0))
+    embeddings = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # the same draw in both; only the storage differs
         losses = [head(embeddings, labels) for head in (stored, plain)]
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)

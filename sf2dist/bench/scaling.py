@@ -270,7 +270,7 @@ class _MatmulFloor:
 def _columns(head: ShardedHead) -> int:
     """Class columns of the head's last step (sampled heads use fewer than they hold)."""
     if isinstance(head, PartialFCHead):
-        return head.last_sampled_classes.numel()
+        return head.last_step_columns
     if head.sample_rate < 1.0:
         return head.last_sampled_rows.numel()
     return head.num_local_classes

@@ -11,6 +11,8 @@ consumes the embeddings sums gradients over ranks instead.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -128,6 +130,13 @@ class ShardedHead(nn.Module):
         self.num_local_classes = self.class_stop - self.class_start
         self.backbone_grads_averaged = backbone_grads_averaged
         self.check_inputs = check_inputs
+        # Set by a trainer that gives every rank batches of one size and reads the step's numbers
+        # once: `equal_batches` skips the all-gather of the batch sizes (and its read), and
+        # `defer_input_checks` leaves the label and finiteness checks' verdict on the device, in
+        # `input_problems`, for the trainer to read with the step's numbers (`raise_input_problems`).
+        self.equal_batches = False
+        self.defer_input_checks = False
+        self.input_problems: torch.Tensor | None = None
         self.implementation, self.chunk_size, self.compile_elementwise = implementation, chunk_size, compile_elementwise
         self.weight = nn.Parameter(init_class_rows(self.class_start, self.class_stop, embedding_dim, seed,
                                                    storage_dtype))
@@ -171,7 +180,10 @@ class ShardedHead(nn.Module):
                 f"labels on rank {self.rank} have shape {tuple(labels.shape)}; expected "
                 f"[{embeddings.shape[0]}], one per embedding"
             )
-        sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device, self.process_group)
+        if self.equal_batches:
+            sizes = [embeddings.shape[0]] * self.world_size
+        else:
+            sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device, self.process_group)
         grad_scale = float(self.world_size) if self.backbone_grads_averaged else 1.0
         gathered = comm.all_gather_with_grad(embeddings, sizes, self.process_group, grad_scale)
         gathered_labels = comm.all_gather(labels.to(torch.int64), sizes, self.process_group)
@@ -184,18 +196,47 @@ class ShardedHead(nn.Module):
         if sum(sizes) == 0:
             raise ValueError("the global batch is empty: every rank passed 0 embeddings")
         bad_label = (labels < 0) | (labels >= self.num_classes)
+        finite_rows = torch.isfinite(embeddings.detach()).all(dim=1)
+        if self.defer_input_checks:
+            # The first offending row of each kind (-1: none) and its label, read later with the step's
+            # numbers. An out-of-range label is the true class of no shard, so the step computes on.
+            first_bad = torch.where(bad_label.any(), bad_label.to(torch.int8).argmax(), -1)
+            first_nonfinite = torch.where(finite_rows.all(), -1, (~finite_rows).to(torch.int8).argmax())
+            found = torch.stack([first_bad, labels[first_bad.clamp(min=0)], first_nonfinite])
+            if self.input_problems is not None:  # an earlier micro-batch of the step: its findings come first
+                earlier = self.input_problems
+                found = torch.cat([torch.where(earlier[0] >= 0, earlier[:2], found[:2]),
+                                   torch.where(earlier[2] >= 0, earlier[2:], found[2:])])
+            self.input_problems = found
+            self._problem_sizes = sizes
+            return
         if bool(bad_label.any()):
             row = int(bad_label.nonzero()[0, 0])
-            rank, index = _locate(row, sizes)
-            raise ValueError(
-                f"label {int(labels[row])} at batch index {index} on rank {rank} is outside "
-                f"[0, {self.num_classes}) (num_classes={self.num_classes})"
-            )
-        finite_rows = torch.isfinite(embeddings.detach()).all(dim=1)
+            self._raise_bad_label(row, int(labels[row]), sizes)
         if not bool(finite_rows.all()):
             row = int((~finite_rows).nonzero()[0, 0])
-            rank, index = _locate(row, sizes)
-            raise ValueError(f"embedding at batch index {index} on rank {rank} is not finite (NaN or Inf)")
+            self._raise_nonfinite(row, sizes)
+
+    def _raise_bad_label(self, row: int, label: int, sizes: list[int]) -> None:
+        rank, index = _locate(row, sizes)
+        raise ValueError(
+            f"label {label} at batch index {index} on rank {rank} is outside "
+            f"[0, {self.num_classes}) (num_classes={self.num_classes})"
+        )
+
+    @staticmethod
+    def _raise_nonfinite(row: int, sizes: list[int]) -> None:
+        rank, index = _locate(row, sizes)
+        raise ValueError(f"embedding at batch index {index} on rank {rank} is not finite (NaN or Inf)")
+
+    def raise_input_problems(self, values: Sequence[float]) -> None:
+        """Raise what `_check_gathered` found in the last forward (`defer_input_checks`), from the
+        host copy `values` of `input_problems`: the same ValueError an immediate check raises."""
+        first_bad, label, first_nonfinite = (int(v) for v in values)
+        if first_bad >= 0:
+            self._raise_bad_label(first_bad, label, self._problem_sizes)
+        if first_nonfinite >= 0:
+            self._raise_nonfinite(first_nonfinite, self._problem_sizes)
 
     def global_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss of the whole global batch, for logging (detached; same value on every rank)."""

@@ -43,26 +43,53 @@ def chunk_bounds(num_columns: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_size, num_columns)) for start in range(0, num_columns, chunk_size)]
 
 
-class PositivesByChunk:
-    """The (row, column) entries of the true classes, grouped by the chunk their column falls in.
+class Positives:
+    """Where each row of the gathered batch has its true class among the columns a step uses.
 
-    `rows` are positions in the gathered batch, `columns` positions among the columns the head
-    uses this step (sorted or not). `in_chunk(start, stop)` gives the rows, the columns relative
-    to `start`, and the positions of those entries in `order` (to store per-entry values).
+    By index arithmetic over fixed shapes, so that no step waits for the host to learn how many
+    true classes a shard holds: `columns` [N] is each row's column (clamped into range where
+    another rank holds the row's class) and `here` [N] says whether this rank holds it.
     """
 
-    def __init__(self, rows: torch.Tensor, columns: torch.Tensor, bounds: list[tuple[int, int]]) -> None:
-        columns, order = torch.sort(columns, stable=True)
-        self.order = order  # entry i of a chunk's slices is entry order[i] of the inputs
-        self.rows, self.columns = rows[order], columns
-        starts = torch.tensor([start for start, _ in bounds] + [bounds[-1][1]], device=columns.device)
-        self._cuts = torch.searchsorted(columns, starts).tolist()
-        self._index = {start: i for i, (start, _) in enumerate(bounds)}
+    def __init__(self, columns: torch.Tensor, here: torch.Tensor) -> None:
+        self.columns, self.here = columns, here
 
-    def in_chunk(self, start: int) -> tuple[torch.Tensor, torch.Tensor, slice]:
-        i = self._index[start]
-        part = slice(self._cuts[i], self._cuts[i + 1])
-        return self.rows[part], self.columns[part] - start, part
+    def in_chunk(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N] each row's column relative to `start`, clamped into the chunk; [N] whether it lies in [start, stop))."""
+        inside = self.here & (self.columns >= start) & (self.columns < stop)
+        return (self.columns - start).clamp_(0, stop - start - 1), inside
+
+
+def local_positives(labels: torch.Tensor, class_start: int, num_local: int) -> Positives:
+    """Each gathered label's local row on a shard holding classes [class_start, class_start + num_local)."""
+    local = labels - class_start
+    here = (local >= 0) & (local < num_local)
+    return Positives(local.clamp_(0, num_local - 1), here)
+
+
+def present_rows(positives: Positives, num_local: int) -> torch.Tensor:
+    """[num_local] bool: the local rows that are some row's true class (duplicates counted once)."""
+    counts = torch.zeros(num_local, dtype=torch.int32, device=positives.columns.device)
+    counts.index_add_(0, positives.columns, positives.here.to(torch.int32))
+    return counts > 0
+
+
+def among(positives: Positives, index: torch.Tensor) -> Positives:
+    """The same true classes as positions among the used rows `index` (ascending, holding every present row)."""
+    columns = torch.searchsorted(index, positives.columns).clamp_(max=index.numel() - 1)
+    return Positives(columns, positives.here)
+
+
+def set_positive_(x: torch.Tensor, columns: torch.Tensor, inside: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x[n, columns[n]] = values[n] where `inside[n]`, in place over x [N, c]."""
+    at = columns.unsqueeze(1)
+    kept = x.gather(1, at).squeeze(1)
+    return x.scatter_(1, at, torch.where(inside, values.to(x.dtype), kept).unsqueeze(1))
+
+
+def take_positive(x: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """x[n, columns[n]] for every row n of x [N, c]."""
+    return x.gather(1, columns.unsqueeze(1)).squeeze(1)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -188,9 +215,7 @@ def take_grads(ctx, names: tuple[str, ...]) -> Iterator[torch.Tensor | None]:
 
 
 def scale_grad_(grad: torch.Tensor | None, grad_loss: torch.Tensor) -> torch.Tensor | None:
-    """grad * grad_loss, in place (the fused head's gradients are its own); skipped for 1 on CPU."""
+    """grad * grad_loss, in place (the fused head's gradients are its own)."""
     if grad is None:
         return None
-    if grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0:
-        return grad
     return grad.mul_(grad_loss.to(grad.dtype))

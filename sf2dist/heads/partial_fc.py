@@ -30,7 +30,9 @@ target logit lowers the true class's probability and so strengthens the pull tow
 
 With `sample_rate < 1`, each rank keeps every class of the global batch that it holds and
 samples the rest of its shard uniformly up to `sample_rate * num_local_classes` classes
-(Partial FC); only the kept rows take part in the step. The draw is made on the rows' device
+(Partial FC), or up to N (the global batch) where that is more, since the batch may name N
+classes here: a count fixed in advance, so that no step waits for the host to count the
+classes present. Only the kept rows take part in the step. The draw is made on the rows' device
 from a generator seeded with (seed, rank, `sample_step`), as SphereFace2's: restore
 `sample_step` on resume to repeat a run's draws. At rate 1 nothing is drawn or indexed.
 
@@ -129,23 +131,28 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, dots, norms, rows, cols, spec, group):
+    def forward(ctx, dots, norms, positives, offset, spec, group):
         # dots: [N, S_local] float32 feature . w_hat (cosines for unit features); norms: [N] feature
-        # norms, or None for unit features; rows/cols: positions of the true classes held here.
+        # norms, or None for unit features; positives: where each row's true class is, if held
+        # here (chunked.Positives); offset: [S_local] 0 for the columns in the loss, the dtype's lowest
+        # value for those drawn but left out (see PartialFCHead.sample_classes), or None.
         num_samples = dots.shape[0]
         s = spec.scale
+        cols, here = positives.columns, positives.here
         logits = dots * s
-        target = spec.targets(dots[rows, cols], None if norms is None else norms[rows])
-        logits[rows, cols] = target
+        if offset is not None:
+            logits.add_(offset)
+        target = spec.targets(chunked.take_positive(dots, cols), norms)
+        chunked.set_positive_(logits, cols, here, target)
         row_max = comm.all_reduce(logits.max(dim=1).values, "max", group)  # [N]
         logits.sub_(row_max.unsqueeze(1)).exp_()  # [N, S_local], numerators of the softmax
         sums = torch.zeros(2, num_samples, dtype=logits.dtype, device=logits.device)
         sums[0] = logits.sum(dim=1)
-        sums[1, rows] = target - row_max[rows]
+        sums[1] = torch.where(here, target - row_max, 0.0)
         comm.all_reduce(sums, "sum", group)  # [sum of exp; true-class logit minus max]
         loss = (sums[0].log() - sums[1]).mean()
         grad = logits.div_(sums[0].unsqueeze(1))  # softmax probabilities
-        grad[rows, cols] -= 1.0
+        grad.scatter_add_(1, cols.unsqueeze(1), torch.where(here, -1.0, 0.0).to(grad.dtype).unsqueeze(1))
         ctx.save_for_backward(grad.mul_(s / num_samples))  # dL/d(dots)
         return loss
 
@@ -155,38 +162,43 @@ class _ShardedMarginCrossEntropy(torch.autograd.Function):
         return grad_dots * grad_loss, None, None, None, None, None
 
 
-def _exp_logits(x, inv_norm, pos_rows, pos_cols, targets, row_max):
+def _exp_logits(x, inv_norm, offset, pos_cols, inside, targets, row_max):
     """In place over a chunk of s * (e . w) [N, c]: exp(logit - new row max), and that max.
 
     The logits are s * cos (x divided by the row norms of w), with the true classes' entries
-    set to their margin targets; the new row max is the larger of `row_max` and the chunk's.
+    set to their margin targets (row n's at column pos_cols[n] where inside[n]) and `offset` (or
+    None) added to each column (the lowest value for a column out of the loss); the new row max
+    is the larger of `row_max` and the chunk's.
     Returns (exp'd chunk, new row max [N], per-row sums of the exp'd chunk [N]).
     """
     x.mul_(inv_norm)
-    x[pos_rows, pos_cols] = targets
+    if offset is not None:
+        x.add_(offset)
+    chunked.set_positive_(x, pos_cols, inside, targets)
     new_max = torch.maximum(row_max, x.amax(dim=1))
     e = x.sub_(new_max.unsqueeze(1)).exp_()
     return e, new_max, e.sum(dim=1)
 
 
-def _grad_from_exp(e, inv_norm, pos_rows, pos_cols, total):
+def _grad_from_exp(e, inv_norm, pos_cols, inside, total):
     """In place over exp(logit - global row max) [N, c]: g = (e - total * [j = y_n]) / |w_j|.
 
     With row_scale = s / (N * total), row_scale[n] * g[n, j] * |w_j| is dL/dcos[n, j]: so
     g @ w (raw rows) is dL/de / row_scale, and g^T @ (row_scale * e) is dL/dw_hat / |w|.
     """
     g = e.mul_(inv_norm)
-    g[pos_rows, pos_cols] -= total[pos_rows] * inv_norm[pos_cols]
-    return g
+    step = torch.where(inside, -total * inv_norm[pos_cols], 0.0)
+    return g.scatter_add_(1, pos_cols.unsqueeze(1), step.to(g.dtype).unsqueeze(1))
 
 
-def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chunk_size, need_grads,
+def _fused_margin_cross_entropy(embeddings, weight, positives, index, offset, spec, chunk_size, need_grads,
                                 mm_dtype, group, compiled):
     """Mean cross entropy of the global batch, and (if `need_grads`) dL/d(embeddings) and dL/d(weight).
 
     embeddings [N, D] unit-norm (or, with `spec.by_norm`, features of any norm); spec: `_Logits`;
     weight [C_local, D] raw rows (normalised on the fly, the
-    normalisation's Jacobian applied to their gradient); index [S] ascending (or None: all).
+    normalisation's Jacobian applied to their gradient); index [S] ascending (or None: all);
+    offset [S] (or None): added to the columns' logits (the lowest value leaves a column out).
     `mm_dtype` (autocast's, or None): the precision of the cosine matmuls; the gradient matmuls
     run in `chunked.grad_mm_dtype` of it (a softmax probability far from the target underflows fp16).
     """
@@ -204,9 +216,7 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chu
     s = spec.scale
     norms = embeddings.norm(dim=1).clamp_min_(1e-12) if spec.by_norm else None  # [N] |x| (A-Softmax 2017)
     scaled = (embeddings * s).to(mm)  # [N, D]: the matmul gives s * (e . w)
-    columns = cols if index is None else torch.searchsorted(index, cols)
-    positives = chunked.PositivesByChunk(rows, columns, bounds)
-    targets = torch.empty(positives.rows.numel(), dtype=dtype, device=weight.device)  # s * margin target
+    targets = torch.zeros(num_samples, dtype=dtype, device=weight.device)  # s * margin target of each row's class here
     inv_norm = torch.empty(num_columns, dtype=dtype, device=weight.device)  # 1 / max(|w|, eps)
     degenerate = torch.empty(num_columns, dtype=torch.bool, device=weight.device)  # |w| <= eps
     row_max = torch.full((num_samples,), -math.inf, dtype=dtype, device=weight.device)
@@ -223,10 +233,11 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chu
         degenerate[start:stop] = norm <= 1e-12
         inv = torch.reciprocal(norm.clamp_min_(1e-12), out=inv_norm[start:stop])
         x = chunk_matmul(rows_w.to(mm))
-        pos_rows, pos_cols, part = positives.in_chunk(start)
-        targets[part] = spec.targets(x[pos_rows, pos_cols] * inv[pos_cols] / s,
-                                     None if norms is None else norms[pos_rows])
-        e, new_max, chunk_sum = exp_logits(x, inv, pos_rows, pos_cols, targets[part], row_max)
+        pos_cols, inside = positives.in_chunk(start, stop)
+        chunk_targets = spec.targets(chunked.take_positive(x, pos_cols) * inv[pos_cols] / s, norms)
+        targets = torch.where(inside, chunk_targets, targets)
+        part = None if offset is None else offset[start:stop]
+        e, new_max, chunk_sum = exp_logits(x, inv, part, pos_cols, inside, targets, row_max)
         row_sum = row_sum.mul_(torch.exp(row_max - new_max)).add_(chunk_sum)  # rescaled to the new max
         row_max = new_max
         last = e  # the backward pass starts with the last chunk: no second matmul for it
@@ -234,7 +245,7 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chu
     row_max = comm.all_reduce(row_max, "max", group)  # [N]
     sums = torch.zeros(2, num_samples, dtype=dtype, device=weight.device)
     sums[0] = row_sum * torch.exp(local_max - row_max)
-    sums[1, positives.rows] = targets - row_max[positives.rows]
+    sums[1] = torch.where(positives.here, targets - row_max, 0.0)
     comm.all_reduce(sums, "sum", group)  # [sum of exp; true-class logit minus max]
     total = sums[0]
     loss = (total.log() - sums[1]).mean()
@@ -248,12 +259,13 @@ def _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec, chu
         rows_w = chunked.iter_rows(weight, index, start, stop)
         rows_mm = rows_w.to(mm)
         inv = inv_norm[start:stop]
-        pos_rows, pos_cols, part = positives.in_chunk(start)
+        pos_cols, inside = positives.in_chunk(start, stop)
         if last is not None:
             e, last = last.mul_(torch.exp(local_max - row_max).unsqueeze(1)), None
         else:
-            e = exp_logits(chunk_matmul(rows_mm), inv, pos_rows, pos_cols, targets[part], row_max)[0]
-        g = grad_from_exp(e, inv, pos_rows, pos_cols, total)
+            part = None if offset is None else offset[start:stop]
+            e = exp_logits(chunk_matmul(rows_mm), inv, part, pos_cols, inside, targets, row_max)[0]
+        g = grad_from_exp(e, inv, pos_cols, inside, total)
         g_mm = g.to(grad_mm)
         chunked.addmm_into(grad_embeddings, g_mm, rows_mm if grad_mm == mm else rows_w.to(grad_mm))
         grad_rows = torch.mm(g_mm.t(), weighted)  # dL/dw_hat / |w|  [c, D]
@@ -272,11 +284,11 @@ class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
     """Fused: the global mean cross entropy, gradients formed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, embeddings, weight, rows, cols, index, spec, chunk_size, group, compiled):
+    def forward(ctx, embeddings, weight, positives, index, offset, spec, chunk_size, group, compiled):
         mm_dtype = chunked.autocast_dtype(embeddings.device)
         need_grads = any(ctx.needs_input_grad[:2])
         with torch.autocast(embeddings.device.type, enabled=False):
-            loss, grads = _fused_margin_cross_entropy(embeddings, weight, rows, cols, index, spec,
+            loss, grads = _fused_margin_cross_entropy(embeddings, weight, positives, index, offset, spec,
                                                       chunk_size, need_grads, mm_dtype, group, compiled)
         if grads is not None:
             ctx.grad_embeddings, ctx.grad_weight = grads
@@ -378,46 +390,75 @@ class PartialFCHead(ShardedHead):
         return _Logits(self.margin, self.m, self.s)
 
     @property
+    def last_step_columns(self) -> int | None:
+        """The class columns the last forward computed (those offset out of its loss included)."""
+        if self._last_kept is None:
+            return None
+        if isinstance(self._last_kept, slice):
+            return self.num_local_classes
+        return (self._last_kept[0] if isinstance(self._last_kept, tuple) else self._last_kept).numel()
+
+    @property
     def last_sampled_classes(self) -> torch.Tensor | None:
         """Global ids of the classes the last forward kept, ascending (None before any forward).
         Formed when asked: a step at rate 1 keeps every class without listing them."""
         if isinstance(self._last_kept, slice):
             return torch.arange(self.class_start, self.class_stop, device=self.weight.device)
+        if isinstance(self._last_kept, tuple):  # drawn, some left out of the loss: a host read, for inspection only
+            kept, offset = self._last_kept
+            return kept[offset == 0] + self.class_start
         return None if self._last_kept is None else self._last_kept + self.class_start
 
-    def sample_classes(self, local_positive: torch.Tensor) -> torch.Tensor | None:
-        """Sorted local class indices to keep: all of `local_positive`, the rest uniform; None
-        when every class is kept (then nothing is drawn and no index is formed)."""
+    def sample_classes(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Sorted local indices of the classes a step with the gathered `labels` keeps in its loss
+        (None: every class); draws as `draw_classes` does, for inspection (it reads the device)."""
+        index, offset = self.draw_classes(labels)
+        return index if offset is None else index[offset == 0]
+
+    def draw_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(sorted local class indices drawn, [S] logit offsets or None): every class a row of the
+        batch names and the rest uniform up to `num_sample` classes, or as many as are named where
+        that is more; (None, None) when every class is kept (nothing drawn, no index).
+
+        The count must be known to the host without reading the device: with a global batch of
+        N <= num_sample rows (the usual case) it is num_sample; otherwise min(N, L) classes are
+        drawn in score order and those past max(num_sample, named here) are left out of the
+        loss by an offset of the dtype's lowest value (their logits vanish from the softmax).
+        """
+        batch = labels.numel()
         if self.num_sample >= self.num_local_classes:
-            return None
+            return None, None
         device = self.weight.device
         generator = self.step_generator(device)
         self.sample_step += 1
         scores = torch.rand(self.num_local_classes, generator=generator, device=device)
-        scores[local_positive] = 2.0  # above any uniform draw: always kept
-        keep = self.num_sample
-        if local_positive.numel() > keep:  # the batch may hold more classes here: count them (a host sync)
-            keep = max(keep, int((scores > 1.0).sum()))
-        if keep >= self.num_local_classes:
-            return None
-        return scores.topk(keep, sorted=False).indices.sort().values
+        present = chunked.present_rows(chunked.local_positives(labels, self.class_start, self.num_local_classes),
+                                       self.num_local_classes)
+        scores.masked_fill_(present, 2.0)  # above any uniform draw: always kept
+        if batch <= self.num_sample:
+            return scores.topk(self.num_sample, sorted=False).indices.sort().values, None
+        drawn = scores.topk(min(batch, self.num_local_classes), sorted=True).indices  # best first
+        in_loss = torch.arange(drawn.numel(), device=device) < present.sum().clamp_min(self.num_sample)
+        index, order = drawn.sort()
+        offset = torch.zeros(index.numel(), dtype=torch.float32, device=device)
+        offset.masked_fill_(~in_loss[order], torch.finfo(torch.float32).min)
+        return index, offset
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gathered, gathered_labels, _ = self.gather_batch(embeddings, labels)
-        here = (gathered_labels >= self.class_start) & (gathered_labels < self.class_stop)
-        rows = here.nonzero().squeeze(1)
-        local_labels = gathered_labels[rows] - self.class_start
-        kept = self.sample_classes(local_labels)  # [S_local], or None: every class
-        self._last_kept = slice(None) if kept is None else kept
+        positives = chunked.local_positives(gathered_labels, self.class_start, self.num_local_classes)
+        kept, offset = self.draw_classes(gathered_labels)  # [S_local], or None: every class
+        self._last_kept = slice(None) if kept is None else kept if offset is None else (kept, offset)
+        if kept is not None:
+            positives = chunked.among(positives, kept)  # positions among the kept
         spec = self._logits()
         features = gathered if spec.by_norm else F.normalize(gathered, dim=1)  # [N, D]
         if self.implementation == "fused":
             return _FusedShardedMarginCrossEntropy.apply(
-                features, self.weight, rows, local_labels, kept, spec, self.chunk_size, self.process_group,
+                features, self.weight, positives, kept, offset, spec, self.chunk_size, self.process_group,
                 chunked.should_compile(self.compile_elementwise, gathered.device),
             )
         weight = self.weight if kept is None else self.weight[kept]
-        cols = local_labels if kept is None else torch.searchsorted(kept, local_labels)  # among the kept
         dots = cosines(features, F.normalize(weight, dim=1))  # [N, S_local]
         norms = features.detach().norm(dim=1).clamp_min_(1e-12) if spec.by_norm else None  # [N]
-        return _ShardedMarginCrossEntropy.apply(dots, norms, rows, cols, spec, self.process_group)
+        return _ShardedMarginCrossEntropy.apply(dots, norms, positives, offset, spec, self.process_group)

@@ -17,9 +17,12 @@ once into the embedding and row gradients; it never holds more than one [N, chun
 
 Class sampling (`sample_rate` p < 1): the loss is a sum of independent per-class terms, so a
 step may use a random subset of them and reweight it to an unbiased estimate. On each rank,
-every class present in the global batch is kept with weight 1; of the M other local classes,
-k = ceil(p * M) are drawn uniformly without replacement and their terms weighted by M / k (each
-is drawn with probability k / M, so the expected loss and gradients are the full ones). Only
+every class present in the global batch is kept with weight 1, and the step uses a fixed number
+of rows, S = min(L, max(ceil(p * L), N + 1)) of the L local ones (N: the global batch): of the M
+other local classes, k = S - P (P = L - M present) are drawn uniformly without replacement and
+their terms weighted by M / k (each is drawn with probability k / M, so the expected loss and
+gradients are the full ones; k >= 1 whenever M >= 1). S is fixed so that no step waits for the
+host to count the classes present. Only
 the kept rows are renormalised, read and given a gradient: `weight.grad` is then a sparse COO
 tensor holding exactly those rows, `last_sampled_rows` names them, and
 `sf2dist.heads.sparse_sgd.SampledRowsSGD` updates only them (torch.optim.SGD cannot take a
@@ -100,8 +103,8 @@ class _ShardLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cos, bias, rows, cols, class_weight, terms, group):
-        # cos: [N, S] float32; rows/cols: positions of the true classes held here.
+    def forward(ctx, cos, bias, positives, class_weight, terms, group):
+        # cos: [N, S] float32; positives: where each row's true class is, if held here (chunked.Positives).
         alpha, r, m, t, margin = terms.alpha, terms.r, terms.m, terms.t, terms.margin
         num_samples = cos.shape[0]
         z = negative_target(cos, margin, m, t).mul_(r).add_(bias)  # [N, S]
@@ -109,11 +112,13 @@ class _ShardLoss(torch.autograd.Function):
         if class_weight is not None:
             per_class = per_class * class_weight
         loss = (1.0 - alpha) * per_class.sum()
-        z_neg_y = z[rows, cols]
-        z_pos_y = r * positive_target(cos[rows, cols], margin, m, t) + bias
-        loss = loss - (1.0 - alpha) * F.softplus(z_neg_y).sum() + alpha * F.softplus(-z_pos_y).sum()
+        cols, here = positives.columns, positives.here
+        z_neg_y = chunked.take_positive(z, cols)
+        z_pos_y = r * positive_target(chunked.take_positive(cos, cols), margin, m, t) + bias
+        correction = alpha * F.softplus(-z_pos_y) - (1.0 - alpha) * F.softplus(z_neg_y)
+        loss = loss + torch.where(here, correction, 0.0).sum()
         grad = z.sigmoid_().mul_(1.0 - alpha)  # dL/dz up to the constant, reusing z's storage
-        grad[rows, cols] = -alpha * torch.sigmoid(-z_pos_y)
+        chunked.set_positive_(grad, cols, here, -alpha * torch.sigmoid(-z_pos_y))
         if class_weight is not None:  # the batch's own classes (all positives) have weight 1
             grad.mul_(class_weight)
         scale = terms.loss_weight / (r * num_samples)
@@ -127,7 +132,7 @@ class _ShardLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_cos, grad_bias = ctx.saved_tensors
         grad_bias = comm.all_reduce(grad_bias * grad_loss, "sum", ctx.group)  # b is shared by all shards
-        return grad_cos * grad_loss, grad_bias, None, None, None, None, None
+        return grad_cos * grad_loss, grad_bias, None, None, None, None
 
 
 def _negative_terms(scaled_cos: torch.Tensor, shift: float, t: float, kappa: torch.Tensor):
@@ -140,13 +145,14 @@ def _negative_terms(scaled_cos: torch.Tensor, shift: float, t: float, kappa: tor
     return F.softplus(z).sum(dim=0), z.sigmoid_()
 
 
-def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size,
+def _fused_shard_loss(embeddings, weight, bias, positives, index, class_weight, terms, chunk_size,
                       need_grads, mm_dtype, negative_terms, update=None):
     """This rank's share of the loss, and (if `need_grads`) dL/d(embeddings), dL/d(used rows), dL/db.
 
     embeddings [N, D]: the unit-norm gathered batch; weight [C_local, D]: the rows, renormalised
-    here in place (chunk by chunk, as they are read); index [S] (or None: all rows): the rows
-    used, ascending; class_weight [S] (or None): the weight of each used row's terms.
+    here in place (chunk by chunk, as they are read); positives (`chunked.Positives`): each row's
+    true class among the used columns; index [S] (or None: all rows): the rows used, ascending;
+    class_weight [S] (or None): the weight of each used row's terms.
     `update(rows, values, grad)` (fused step): instead of returning dL/d(rows), hand each chunk's
     row gradient, with the chunk's float32 rows, to it as soon as the chunk is done (it steps
     them); the row gradient returned is then None. `mm_dtype` (autocast's, or None): the
@@ -168,8 +174,6 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
     grad_scale = (1.0 - alpha) * terms.loss_weight / num_samples  # dL/dcos per unit of sigmoid(z)
     embeddings = embeddings.detach()
     scaled = (embeddings * shift).to(mm)  # [N, D]: the first matmul gives a*cos
-    columns = cols if index is None else torch.searchsorted(index, cols)
-    positives = chunked.PositivesByChunk(rows, columns, bounds)
     negative_sum = torch.zeros((), dtype=dtype, device=weight.device)
     positive_sum = torch.zeros((), dtype=dtype, device=weight.device)
     grads = None
@@ -188,16 +192,16 @@ def _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight,
         rows_mm = rows_w.to(mm)
         x = torch.mm(scaled, rows_mm.t())  # [N, c] a*cos
         x = x.to(dtype)
-        pos_rows, pos_cols, _ = positives.in_chunk(start)
-        scaled_cos_y = x[pos_rows, pos_cols]
+        pos_cols, inside = positives.in_chunk(start, stop)  # [N]: every row, those whose class is in this chunk
+        scaled_cos_y = chunked.take_positive(x, pos_cols)
         per_class, g = negative_terms(x, shift, t, kappa)  # g: sigmoid(z), in x's storage
         cw = None if class_weight is None else class_weight[start:stop].to(dtype)
         negative_sum += per_class.sum() if cw is None else per_class @ cw
-        if pos_rows.numel():
-            z_neg_y = (scaled_cos_y + shift).pow_(t).add_(kappa)
-            z_pos_y = r * positive_target(scaled_cos_y / shift, terms.margin, terms.m, t) + bias_value
-            positive_sum += alpha * F.softplus(-z_pos_y).sum() - (1.0 - alpha) * F.softplus(z_neg_y).sum()
-            g[pos_rows, pos_cols] = torch.sigmoid(-z_pos_y).mul_(-alpha / (1.0 - alpha))
+        z_neg_y = (scaled_cos_y + shift).pow_(t).add_(kappa)
+        z_pos_y = r * positive_target(scaled_cos_y / shift, terms.margin, terms.m, t) + bias_value
+        correction = alpha * F.softplus(-z_pos_y) - (1.0 - alpha) * F.softplus(z_neg_y)
+        positive_sum += torch.where(inside, correction, 0.0).sum()
+        chunked.set_positive_(g, pos_cols, inside, torch.sigmoid(-z_pos_y).mul_(-alpha / (1.0 - alpha)))
         if not need_grads:
             continue
         if cw is not None:  # the batch's own classes (all positives) have weight 1
@@ -226,12 +230,12 @@ class _FusedShardLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weight, bias, rows, cols, index, class_weight, terms, chunk_size, group,
+    def forward(ctx, embeddings, weight, bias, positives, index, class_weight, terms, chunk_size, group,
                 negative_terms, update):
         mm_dtype = chunked.autocast_dtype(embeddings.device)
         need_grads = any(ctx.needs_input_grad[:3])
         with torch.autocast(embeddings.device.type, enabled=False):
-            loss, grads = _fused_shard_loss(embeddings, weight, bias, rows, cols, index, class_weight, terms,
+            loss, grads = _fused_shard_loss(embeddings, weight, bias, positives, index, class_weight, terms,
                                             chunk_size, need_grads, mm_dtype, negative_terms,
                                             update if need_grads else None)
         if grads is not None:
@@ -248,7 +252,7 @@ class _FusedShardLoss(torch.autograd.Function):
         if ctx.index is not None and grad_rows is not None:
             grad_rows = torch.sparse_coo_tensor(ctx.index.unsqueeze(0), grad_rows, ctx.weight_shape,
                                                 is_coalesced=True, check_invariants=False)
-        return grad_embeddings, grad_rows, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_embeddings, grad_rows, grad_bias, None, None, None, None, None, None, None, None
 
 
 class SphereFace2Head(ShardedHead):
@@ -347,38 +351,42 @@ class SphereFace2Head(ShardedHead):
     def sparse_row_grad(self) -> bool:
         return self.sample_rate < 1.0
 
-    def sample_rows(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(used local rows [S] ascending, the weight of each one's terms [S]) for this step.
+    def rows_per_step(self, batch: int) -> int:
+        """The rows a sampled step uses, fixed by the shard and the global batch size (module docstring)."""
+        return min(self.num_local_classes, max(math.ceil(self.sample_rate * self.num_local_classes), batch + 1))
 
-        Every row in `local_labels` is used with weight 1; of the M other rows, ceil(p * M) are
-        drawn uniformly without replacement, each weighted M / (number drawn).
+    def sample_rows(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(used local rows [S] ascending, the weight of each one's terms [S]) for a step with the
+        gathered `labels` [N].
+
+        S = `rows_per_step(N)`: every row some label of the batch names (P of them) is used with
+        weight 1, and S - P of the M other rows are drawn uniformly without replacement, each
+        weighted M / (S - P). S is known without asking the device how many rows are present.
         """
         device = self.weight.device
-        present = torch.zeros(self.num_local_classes, dtype=torch.bool, device=device)
-        present[local_labels] = True
-        num_present = int(present.sum())
-        num_absent = self.num_local_classes - num_present
-        num_drawn = min(num_absent, math.ceil(self.sample_rate * num_absent))
+        positives = chunked.local_positives(labels, self.class_start, self.num_local_classes)
+        present = chunked.present_rows(positives, self.num_local_classes)
+        num_rows = self.rows_per_step(labels.numel())
+        num_absent = self.num_local_classes - present.sum()
+        num_drawn = num_rows - (self.num_local_classes - num_absent)
         generator = self.step_generator(device)
         self.sample_step += 1
         scores = torch.rand(self.num_local_classes, generator=generator, device=device)
-        scores[present] = 2.0  # above any uniform draw: always kept
-        index = scores.topk(num_present + num_drawn, sorted=False).indices.sort().values
+        scores.masked_fill_(present, 2.0)  # above any uniform draw: always kept
+        index = scores.topk(num_rows, sorted=False).indices.sort().values
         # float32 at least: rounded to bfloat16 storage's precision, M / k would be off by up to 0.2 %
-        class_weight = torch.ones(index.numel(), dtype=torch.promote_types(self.weight.dtype, torch.float32),
-                                  device=device)
-        if num_drawn:
-            class_weight[~present[index]] = num_absent / num_drawn
+        weight_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        drawn_weight = (num_absent / num_drawn.clamp_min(1)).to(weight_dtype)
+        class_weight = torch.where(present[index], torch.ones((), dtype=weight_dtype, device=device), drawn_weight)
         return index, class_weight
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gathered, gathered_labels, _ = self.gather_batch(embeddings, labels)
-        here = (gathered_labels >= self.class_start) & (gathered_labels < self.class_stop)
-        rows = here.nonzero().squeeze(1)
-        cols = gathered_labels[rows] - self.class_start  # local rows of the true classes
+        positives = chunked.local_positives(gathered_labels, self.class_start, self.num_local_classes)
         index = class_weight = update = None
         if self.sample_rate < 1.0:
-            index, class_weight = self.sample_rows(cols)
+            index, class_weight = self.sample_rows(gathered_labels)
+            positives = chunked.among(positives, index)
         self.last_sampled_rows = index
         if self.step_optimizer is not None and self.training and torch.is_grad_enabled():
             generator = self.step_generator(self.weight.device, 1) if self.weight.dtype == torch.bfloat16 else None
@@ -393,7 +401,7 @@ class SphereFace2Head(ShardedHead):
             negative_terms = chunked.elementwise(
                 _negative_terms, chunked.should_compile(self.compile_elementwise, gathered.device))
             return _FusedShardLoss.apply(
-                F.normalize(gathered, dim=1), self.weight, self.bias, rows, cols, index, class_weight,
+                F.normalize(gathered, dim=1), self.weight, self.bias, positives, index, class_weight,
                 self.terms, self.chunk_size, self.process_group, negative_terms, update,
             )
         with torch.no_grad():
@@ -405,9 +413,8 @@ class SphereFace2Head(ShardedHead):
             weight = self.weight
         else:  # the used rows, with a sparse gradient, as the fused path gives
             weight = F.embedding(index, self.weight, sparse=True)
-            cols = torch.searchsorted(index, cols)
         cos = cosines(F.normalize(gathered, dim=1), weight)  # [N, S]
-        return _ShardLoss.apply(cos, self.bias, rows, cols, class_weight, self.terms, self.process_group)
+        return _ShardLoss.apply(cos, self.bias, positives, class_weight, self.terms, self.process_group)
 
     def loss_share(self, loss: torch.Tensor) -> torch.Tensor:
         """`forward` already returns this rank's share (see the module docstring)."""

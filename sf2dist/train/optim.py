@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -96,18 +97,31 @@ def scale_grads_(params: Iterable[nn.Parameter], factor: float) -> None:
             p.grad.mul_(factor)
 
 
+@dataclass(frozen=True)
+class StepNumbers:
+    """What every rank learns after a step's backward, from one all-reduce and one read."""
+
+    grad_norm: float  # the whole model's gradient norm (nan where it is not finite)
+    loss: float  # the global loss
+    stop: bool  # some rank received a stop signal
+    interrupted: bool  # ... and it was a Ctrl-C on some rank
+    extra: tuple[float, ...] = ()  # the `extra` values passed in, as read
+
+
 def global_grad_norm_and_loss(
     backbone_sq: torch.Tensor, head: nn.Module, loss_share: torch.Tensor, flag: bool = False, group=None,
-    interrupt: bool = False,
-) -> tuple[float, float, bool, bool]:
+    interrupt: bool = False, extra: torch.Tensor | None = None,
+) -> StepNumbers:
     """The L2 norm of the whole model's gradient, the global loss, "any rank flagged" and "any rank
-    flagged an interrupt", in one all-reduce.
+    flagged an interrupt", in one all-reduce, read by the host at once (the step's one read).
 
     The backbone's gradient is replicated (already averaged by its engine), so its squared
     norm counts once; the head's rows are sharded, so their squares are summed over ranks.
     The SphereFace2 bias is replicated as well and counts once. The loss shares of the ranks
     travel in the same all-reduce, and so does each rank's stop flag (a signal it received), so
     that every rank learns at the same step that one of them must stop, and whether it was a Ctrl-C.
+    `extra` (a small tensor on the same device, the same on every rank: not reduced) is read with
+    them, so a caller's own device-side numbers cost no read of their own.
     """
     sharded = [p for name, p in head.named_parameters() if name != "bias"]
     replicated = [p for name, p in head.named_parameters() if name == "bias"]
@@ -119,9 +133,13 @@ def global_grad_norm_and_loss(
     ])
     packed = comm.all_reduce(packed, "sum", group)
     total_sq = packed[0] + backbone_sq.to(device) + grad_sq_norm(replicated).to(device)
-    norm = math.sqrt(total_sq.item()) if torch.isfinite(total_sq) else float("nan")
-    loss, stop_flags, interrupt_flags = packed[1:4].tolist()  # one read for the three scalars
-    return norm, loss, stop_flags > 0, interrupt_flags > 0
+    read = [total_sq.reshape(1), packed[1:4]]
+    if extra is not None:
+        read.append(extra.detach().to(device=device, dtype=torch.float64).reshape(-1))
+    values = torch.cat(read).tolist()  # the one read
+    total, loss, stop_flags, interrupt_flags = values[:4]
+    norm = math.sqrt(total) if math.isfinite(total) else float("nan")
+    return StepNumbers(norm, loss, stop_flags > 0, interrupt_flags > 0, tuple(values[4:]))
 
 
 class LossScale:

@@ -470,6 +470,9 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = make_engine(backbone, cfg, self.device, self.world_size, micro_batch_size=self.plan.per_rank)
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
+        # every rank's batches hold data.batch_size images (checked in train_step), and the step's
+        # numbers are read once: the head needs no read of its own (issue #24)
+        self.head.equal_batches = self.head.defer_input_checks = True
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
         if cfg.optim.name == "sgd":  # fused into the head's forward, row-sparse when sampled, or plain
@@ -681,8 +684,13 @@ class Trainer:
         optim.set_lr(self.head_optimizer, self.head_lr * lr_factor)  # before the forward: a fused head steps there
         self.head.schedule_step = self.state.step  # a scheduled loss (A-Softmax's lambda) follows the run's step
         loss_share = torch.zeros((), device=self.device)
+        self.head.input_problems = None
         for micro in range(accumulation):
             images, labels = next(batches)
+            if images.shape[0] != self.plan.per_rank:  # the head trusts that every rank's batch has this size
+                raise RuntimeError(f"rank {self.rank} got a batch of {images.shape[0]} images; every rank's batches "
+                                   f"must hold data.batch_size={self.plan.per_rank} (the loader drops a short last "
+                                   f"batch): the sharded head gathers them without exchanging their sizes")
             self.state.micro_batches += 1
             sync = micro == accumulation - 1
             with contextlib.nullcontext() if sync else self.engine.no_sync():
@@ -691,9 +699,13 @@ class Trainer:
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
             loss_share += self.head.loss_share(loss)
-        norm, loss, self.stop_everywhere, self.interrupted = optim.global_grad_norm_and_loss(
-            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted())
-        norm /= scale
+        numbers = optim.global_grad_norm_and_loss(
+            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted(),
+            extra=self.head.input_problems)
+        if self.head.input_problems is not None:  # a wrong label or a non-finite embedding: the step is not taken
+            self.head.raise_input_problems(numbers.extra)
+        loss, self.stop_everywhere, self.interrupted = numbers.loss, numbers.stop, numbers.interrupted
+        norm = numbers.grad_norm / scale
         finite = math.isfinite(norm) and math.isfinite(loss)
         if finite:
             factor = 1.0 / scale
