@@ -46,7 +46,7 @@ class RunConfig:
     seed: int = 0  # initial weights, data order, flips and label noise follow it
     epochs: int = 1  # passes over the training set (unless run.max_steps is set)
     max_steps: int | None = None  # optimizer steps; when set, training stops there (may cut an epoch)
-    log_every: int = 10  # steps between metric rows / progress-bar updates (plain lines with logging.progress false)
+    log_every: int = 10  # steps between metric rows / progress-bar updates (or plain lines: see logging.progress)
     eval_every: int = 0  # steps between verification evals; 0 = only at the end
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # the newest this many checkpoints are kept, older ones deleted
@@ -181,7 +181,7 @@ class LoggingConfig:
     wandb_mode: str = field(default="offline", metadata=_choices("offline", "online", "disabled"))  # wandb's mode
     wandb_project: str = "sf2dist"  # wandb project
     wandb_entity: str | None = None  # wandb team or user; null = wandb's default
-    progress: bool = True  # a progress bar; false: a plain line every run.log_every steps (for SLURM logs)
+    progress: bool = True  # a progress bar on a terminal; false (or stderr not a terminal): a plain line every run.log_every steps
 
 
 @dataclass

@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -522,7 +523,10 @@ class Trainer:
                 tqdm.write(f"nothing to train: the run is at step {self.state.step} and has {self.total_steps} steps; "
                            f"raise run.max_steps or run.epochs to train longer (they may change on resume)")
         progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", mininterval=2.0,
-                        dynamic_ncols=True, disable=self.rank != 0 or not cfg.logging.progress)
+                        dynamic_ncols=True,
+                        # a bar only on a terminal: in a pipe, a file or a SLURM log its "\r" updates would
+                        # share a line with the messages after them, so those get plain lines instead
+                        disable=self.rank != 0 or not cfg.logging.progress or not sys.stderr.isatty())
         self.engine.train()
         installed = stop.install()  # launch/train.py installed it at start; a Trainer used in-process does here
         stop.on_abort(f"without a checkpoint of the current step; the newest complete checkpoint in "
@@ -623,7 +627,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", img_s=f"{images / seconds:.0f}")
                 if self.log is not None:
                     self.log.train(row)
-                    if not cfg.logging.progress:  # a SLURM log gets plain lines instead of a bar
+                    if progress.disable:  # no bar (a SLURM log, a pipe, logging.progress false): plain lines
                         per_step = row["elapsed_s"] / (self.state.step - first_step)
                         eta = datetime.timedelta(seconds=round(per_step * (stop_step - self.state.step)))
                         print(f"step {self.state.step}/{self.total_steps} epoch {row['epoch']} loss {loss:.4f} "
