@@ -107,7 +107,8 @@ def _main(argv: list[str] | None) -> int:
 
     # torch and the rest load after the config is known to be sound
     from sf2dist.train import Trainer
-    from sf2dist.train.trainer import BadStepsError, EvaluationError, check_backbone, check_settings, headline
+    from sf2dist.train.trainer import (BadStepsError, EvaluationError, check_backbone, check_settings, headline,
+                                       resume_point)
 
     try:  # what needs no data read: the backbone's arguments, data.train set, the benchmarks there, the batch split
         check_backbone(cfg, resolved.sources)
@@ -115,6 +116,12 @@ def _main(argv: list[str] | None) -> int:
         batch_plan(cfg, info.world_size)
     except ValueError as err:
         _config_error(err, says)
+        return 2
+    try:  # the run directory, which every rank reads alike: an earlier run's outputs without a checkpoint
+        resume_point(cfg, allowed)
+    except ValueError as err:
+        if says:
+            print(f"train.py: {err}", file=sys.stderr, flush=True)
         return 2
     if args.print_config:
         stop.uninstall()  # nothing to checkpoint: Ctrl-C stops the check at once

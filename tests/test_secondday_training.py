@@ -161,10 +161,12 @@ def test_a_run_directory_with_an_earlier_runs_outputs_and_no_checkpoint_is_refus
                 f"plot and config with that run's. Start the new run in another directory (--set run.dir=NEW_DIR), "
                 f"or move or delete the earlier run's files first (e.g. mv {run_dir} {run_dir}.old)")
     args = _args(tiny_data, run_dir, **{"run.max_steps": 20})
-    trained = subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                             timeout=300)
+    # two ranks under the launcher, as train.sbatch runs them: said once, before any process group
+    trained = subprocess.run([sys.executable, "-m", "sf2dist.launcher", "--standalone", "--nproc_per_node=2", TRAIN,
+                              *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 2, trained.stdout + trained.stderr
-    assert trained.stderr.strip().splitlines()[-1] == f"train.py (rank 0): {expected}"
+    assert trained.stderr.count(f"train.py: {expected}\n") == 1, trained.stderr
+    assert "Traceback" not in trained.stderr and "ChildFailedError" not in trained.stderr, trained.stderr
     checked = subprocess.run([sys.executable, TRAIN, *args, "--print-config"], cwd=ROOT, env=ENV,
                              capture_output=True, text=True, timeout=300)
     assert checked.returncode == 2 and checked.stderr.strip() == f"train.py: {expected}"
