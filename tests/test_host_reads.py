@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sf2dist.bench.host_reads import ReadCounter
+from sf2dist.bench.host_reads import ReadCounter, counting_steps
 from sf2dist.config import load_config
 from tests.distributed import run_on_ranks
 from tests.test_train import DEMO, ROOT, overrides, tiny_data  # noqa: F401  (tiny_data is a fixture)
@@ -50,12 +50,25 @@ def test_the_counter_counts_each_read_once_where_our_code_makes_it():
     assert counter.total == 5
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-def test_a_training_step_reads_the_device_at_most_once(tiny_data, tmp_path, name):
-    values = {"eval.benchmarks": "[]", "run.max_steps": STEPS, "run.log_every": 1000, "run.checkpoint_every": 0,
-              "data.num_workers": 1, **VARIANTS[name]}
-    args = [arg for value in overrides(tiny_data, tmp_path / "run", **values) for arg in ("--set", value)]
+def _settings(data: Path, run_dir: Path, name: str) -> list[str]:
+    return overrides(data, run_dir, **{"eval.benchmarks": "[]", "run.max_steps": STEPS, "run.log_every": 1000,
+                                       "run.checkpoint_every": 0, "data.num_workers": 1, **VARIANTS[name]})
+
+
+def _check(name: str, rank: int, record: dict) -> None:
+    assert record.get("steps") == STEPS - 1 - FROM_STEP, record
+    # the step's numbers are read (the skip agreement): none counted would mean the counter saw nothing
+    assert record["sites"], f"{name}, rank {rank}: no read counted: is the counter installed?"
+    sites = ", ".join(f"{site} x{count}" for site, count in record["sites"].items())
+    assert record["reads_per_step"] <= 1.0, (
+        f"{name}, rank {rank}: {record['reads_per_step']:.2f} device-to-host reads per step; at most 1 (the step's "
+        f"numbers). Reads over {record['steps']} steps: {sites}")
+
+
+def test_launch_train_py_under_torchrun_reads_the_device_once_per_step(tiny_data, tmp_path):
+    """The count as a user takes it (README): launch/train.py under torchrun, 2 ranks."""
     out = tmp_path / "reads.json"
+    args = [arg for value in _settings(tiny_data, tmp_path / "run", "sphereface2") for arg in ("--set", value)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "sf2dist.bench.host_reads", "--out", str(out), "--from-step", str(FROM_STEP),
                str(ROOT / "launch" / "train.py"), "--config", DEMO, *args]
@@ -63,12 +76,31 @@ def test_a_training_step_reads_the_device_at_most_once(tiny_data, tmp_path, name
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in (0, 1):
-        record = json.loads(out.with_name(f"reads.json.rank{rank}").read_text())
-        assert record["steps"] == STEPS - 1 - FROM_STEP, record
-        sites = ", ".join(f"{site} x{count}" for site, count in record["sites"].items())
-        assert record["reads_per_step"] <= 1.0, (
-            f"{name}, rank {rank}: {record['reads_per_step']:.2f} device-to-host reads per step; at most 1 (the "
-            f"step's numbers). Reads over {record['steps']} steps: {sites}")
+        _check("sphereface2 (launch/train.py)", rank, json.loads(out.with_name(f"reads.json.rank{rank}").read_text()))
+
+
+def _count_worker(rank: int, world_size: int, data: str, run_root: str, names: list[str]) -> dict:
+    from sf2dist.train import Trainer
+
+    records = {}
+    for name in names:
+        cfg = load_config([DEMO], _settings(Path(data), Path(run_root) / name, name))
+        with counting_steps(FROM_STEP) as record:
+            trainer = Trainer(cfg)
+            trainer.run()
+        trainer.loader.close()
+        records[name] = dict(record)
+    return records
+
+
+def test_every_head_variant_reads_the_device_once_per_step(tiny_data, tmp_path):
+    """The same count for every head, engine and precision: 2 ranks, the trainer's own loop
+    (in-process, so that one process group serves every variant)."""
+    names = list(VARIANTS)
+    ranks = run_on_ranks(_count_worker, 2, str(tiny_data), str(tmp_path), names)
+    for rank, records in enumerate(ranks):
+        for name in names:
+            _check(name, rank, records[name])
 
 
 def _bad_input_worker(rank: int, world_size: int, data: str, run_dir: str, kind: str) -> dict:

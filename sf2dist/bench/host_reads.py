@@ -21,12 +21,14 @@ processes are not, nor anything a wrapped call makes inside another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import runpy
 import sys
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -107,7 +109,11 @@ def per_step(first: Counter[str], last: Counter[str], steps: int) -> dict:
             "sites": dict(sites.most_common())}
 
 
-def _count_training(script: str, script_args: list[str], out: Path, from_step: int) -> None:
+@contextlib.contextmanager
+def counting_steps(from_step: int) -> Iterator[dict]:
+    """Count reads in every `Trainer.train_step` from step `from_step` on while the block runs;
+    the yielded dict gets, on exit, `per_step`'s figures between the start of `from_step` and
+    the start of the last step taken (or "error" when the run never reached `from_step`)."""
     from sf2dist.train.trainer import Trainer
 
     counter = ReadCounter().install()
@@ -122,23 +128,30 @@ def _count_training(script: str, script_args: list[str], out: Path, from_step: i
         return original_step(self, batches)
 
     Trainer.train_step = train_step
-    sys.argv = [script, *script_args]
-    code = 0
+    record: dict = {}
     try:
-        runpy.run_path(script, run_name="__main__")
-    except SystemExit as end:
-        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+        yield record
     finally:
         Trainer.train_step = original_step
         counter.uninstall()
-        rank = int(os.environ.get("RANK", "0"))
         if "first" in marks:
             (first_step, first), (last_step, last) = marks["first"], marks["last"]
-            record = {"rank": rank, "from_step": first_step, "to_step": last_step,
-                      **per_step(first, last, last_step - first_step)}
+            record.update(from_step=first_step, to_step=last_step, **per_step(first, last, last_step - first_step))
         else:
-            record = {"rank": rank, "error": f"the run never reached step {from_step}"}
-        Path(f"{out}.rank{rank}").write_text(json.dumps(record, indent=1) + "\n")
+            record["error"] = f"the run never reached step {from_step}"
+
+
+def _count_training(script: str, script_args: list[str], out: Path, from_step: int) -> None:
+    sys.argv = [script, *script_args]
+    code = 0
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        with counting_steps(from_step) as record:
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as end:
+        code = end.code if isinstance(end.code, int) else (0 if end.code is None else 1)
+    finally:
+        Path(f"{out}.rank{rank}").write_text(json.dumps({"rank": rank, **record}, indent=1) + "\n")
     sys.exit(code)
 
 
