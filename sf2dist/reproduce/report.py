@@ -6,9 +6,15 @@ is the mean over seeds of each run's standard deviation across the k folds of th
 protocol. Accuracy is the k-fold accuracy on the first test pair set, k the folds the
 evaluation used: as its metrics record them ("folds"), else sf2dist-eval's (`EVAL_FOLDS`).
 TAR@FAR comes from the first IJB-style test benchmark
-(from the first pair set when there is none). A difference between a row and its reference
-counts only when it exceeds the seed spread, |Δ| > std(row) + std(reference); with one seed
-it cannot be told ("n/a").
+(from the first pair set when there is none).
+
+A row is compared with its reference seed by seed: seed k gives every row the same data order,
+initialisation and flips, so most of the variation between seeds is shared and cancels in the
+per-seed difference d_k = row_k - reference_k. The tables give the mean of the d_k over the
+seeds both rows have and its 90 % confidence interval, mean ± t(0.95, n-1) · sd(d) / sqrt(n)
+(Student's t, n the seeds in common); a difference is called only when that interval excludes
+0, and "agrees" compares its sign with the paper's (its figures where it has them, else its
+text). With fewer than two common seeds nothing is called ("n/a").
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import inspect
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -64,6 +70,8 @@ class RowSummary:
     fold_std: Stat
     tar: dict[str, Stat]  # "1e-04" -> TAR over seeds
     folds: tuple[int, ...] = ()  # of each run's accuracy, as its evaluation used them
+    accuracy_by_seed: dict[int, float] = field(default_factory=dict)
+    tar_by_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # "1e-04" -> seed -> TAR
 
 
 def _primary(test: dict, kind: str) -> dict | None:
@@ -80,7 +88,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
         key = f"{experiment.name}/{row.name}"
         stored = results["rows"].get(key, {})
         accuracy, fold_std, tar = [], [], {far: [] for far in FARS}
-        seeds, folds = [], []
+        seeds, folds, accuracy_by_seed, tar_by_seed = [], [], {}, {far: {} for far in FARS}
         for run_id in stored.get("final_runs", []):
             record = results["runs"].get(run_id) or {}
             test = record.get("test")
@@ -91,6 +99,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
             seeds.append(record["seed"])
             if pairs is not None:
                 accuracy.append(pairs["accuracy"])
+                accuracy_by_seed[record["seed"]] = pairs["accuracy"]
                 fold_std.append(pairs["accuracy_std"])
                 folds.append(int(pairs.get("folds", EVAL_FOLDS)))
             if templates is not None:
@@ -98,6 +107,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
                     value = templates.get("tar_at_far", {}).get(far)
                     if value is not None:
                         tar[far].append(value)
+                        tar_by_seed[far][record["seed"]] = value
         chosen_score = None
         for candidate in stored.get("candidates", []):
             if candidate["settings"] == stored.get("chosen"):
@@ -106,6 +116,7 @@ def summarize(results: dict, experiment: Experiment) -> list[RowSummary]:
             key=key, label=row.label, setting=stored.get("setting") or {}, val_score=chosen_score,
             seeds=tuple(seeds), accuracy=Stat(tuple(accuracy)), fold_std=Stat(tuple(fold_std)),
             tar={far: Stat(tuple(values)) for far, values in tar.items()}, folds=tuple(folds),
+            accuracy_by_seed=accuracy_by_seed, tar_by_seed=tar_by_seed,
         ))
     return summaries
 
@@ -120,31 +131,80 @@ def fold_label(summaries: list[RowSummary]) -> str:
     return "/".join(map(str, fold_counts(summaries))) + "-fold"
 
 
-# -- comparisons --------------------------------------------------------------------------
+# -- comparisons ---------------------------------------------------------------------------
+# Student's t, the 0.95 quantile (the bounds of a two-sided 90 % interval), by degrees of freedom
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        11: 1.796, 12: 1.782, 13: 1.771, 14: 1.761, 15: 1.753, 16: 1.746, 17: 1.740, 18: 1.734, 19: 1.729,
+        20: 1.725, 25: 1.708, 30: 1.697, 40: 1.684, 60: 1.671, 120: 1.658}
+
+
+def t95(df: int) -> float:
+    """t(0.95, df); between tabulated degrees of freedom the next smaller one's (a wider interval)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 120 else 1.645
+
+
 @dataclass(frozen=True)
-class Difference:
-    delta: float | None
-    beyond_spread: bool | None  # None: not decidable (a value or a spread is missing)
+class Paired:
+    """The per-seed differences of a row against its reference, over the seeds both have."""
+
+    seeds: tuple[int, ...]
+    differences: tuple[float, ...]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.differences) if self.differences else None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 90 % confidence interval of the mean difference (module doc); None below two seeds."""
+        n = len(self.differences)
+        if n < 2:
+            return None
+        half = t95(n - 1) * statistics.stdev(self.differences) / math.sqrt(n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def sign(self) -> int | None:
+        """+1 or -1 when the interval excludes 0, 0 when it holds it, None when there is none."""
+        if self.interval is None:
+            return None
+        low, high = self.interval
+        return 1 if low > 0 else -1 if high < 0 else 0
 
 
-def difference(row: Stat, reference: Stat) -> Difference:
-    if row.mean is None or reference.mean is None:
-        return Difference(None, None)
-    delta = row.mean - reference.mean
-    if row.std is None or reference.std is None:
-        return Difference(delta, None)
-    return Difference(delta, abs(delta) > row.std + reference.std)
+def paired(row: dict[int, float], reference: dict[int, float]) -> Paired:
+    seeds = tuple(sorted(set(row) & set(reference)))
+    return Paired(seeds, tuple(row[k] - reference[k] for k in seeds))
 
 
-def agreement(diff: Difference, expected: int | None) -> str:
-    """Whether our difference goes the paper's way: only a difference beyond the seed spread decides."""
+def paired_agreement(diff: Paired, expected: int | None) -> str:
+    """Whether our paired difference goes the paper's way: only an interval that excludes 0 decides."""
     if expected is None:
         return "–"
-    if diff.beyond_spread is None:
+    if diff.sign is None:
         return "n/a"
-    if not diff.beyond_spread:
-        return "not resolved (within spread)"
-    return "yes" if math.copysign(1, diff.delta) == expected else "**no** (reversed)"
+    if diff.sign == 0:
+        return "not resolved (interval holds 0)"
+    return "yes" if diff.sign == expected else "**no** (reversed)"
+
+
+def paired_text(diff: Paired) -> str:
+    """"+1.23 [+0.40, +2.06]" in points; the mean alone with one seed, "–" with none."""
+    if diff.mean is None:
+        return "–"
+    if diff.interval is None:
+        return f"{100 * diff.mean:+.2f} (1 seed)"
+    low, high = diff.interval
+    return f"{100 * diff.mean:+.2f} [{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
+def paper_text(value: float | None, reference: float | None = None) -> str:
+    """The paper's figure (%), with its difference from the reference row's where both exist."""
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if reference is None else f"{value:.2f} ({value - reference:+.2f})"
 
 
 # -- formatting ---------------------------------------------------------------------------
@@ -153,13 +213,6 @@ def percent(stat: Stat, digits: int = 2) -> str:
         return "–"
     text = f"{100 * stat.mean:.{digits}f}"
     return text if stat.std is None else f"{text} ± {100 * stat.std:.{digits}f}"
-
-
-def delta_text(diff: Difference) -> str:
-    if diff.delta is None:
-        return "–"
-    verdict = {None: "n/a", True: "yes", False: "no"}[diff.beyond_spread]
-    return f"{100 * diff.delta:+.2f} ({verdict})"
 
 
 def setting_text(setting: dict, hide: Sequence[str] = ()) -> str:
@@ -182,20 +235,22 @@ def losses_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     by_name = {s.key.split("/", 1)[1]: s for s in summaries}
     folds = fold_label(summaries)
     header = ["loss", "chosen on validation", "seeds", f"accuracy % ({folds})", f"{folds} std",
-              *[f"TAR@{far} %" for far in FARS], "Δ accuracy vs reference (> seed spread?)",
-              "Δ TAR@1e-04 (> seed spread?)", "paper", "agrees"]
+              *[f"TAR@{far} %" for far in FARS], "paired Δ accuracy vs reference [90 % CI]",
+              "paired Δ TAR@1e-04 [90 % CI]", "paper: combined % (Δ)", "paper: IJB-B TAR@1e-04 % (Δ)", "agrees"]
     rows = []
     for row in experiment.rows:
         summary = by_name[row.name]
         reference = by_name.get(row.reference) if row.reference else None
-        expected = paper.direction("losses", row.name)
+        combined, tar = paper.combined("losses", row.name), paper.tar("losses", row.name, "1e-04")
         if reference is None:
-            cells = ["reference", "–", "–" if expected is None else "above the rows below", "–"]
+            cells = ["reference", "–", paper_text(combined), paper_text(tar), "–"]
         else:
-            accuracy = difference(summary.accuracy, reference.accuracy)
-            cells = [delta_text(accuracy), delta_text(difference(summary.tar["1e-04"], reference.tar["1e-04"])),
-                     {-1: f"below {row.reference}", 1: f"above {row.reference}"}.get(expected, "–"),
-                     agreement(accuracy, expected)]
+            accuracy = paired(summary.accuracy_by_seed, reference.accuracy_by_seed)
+            tar_diff = paired(summary.tar_by_seed.get("1e-04", {}), reference.tar_by_seed.get("1e-04", {}))
+            cells = [paired_text(accuracy), paired_text(tar_diff),
+                     paper_text(combined, paper.combined("losses", row.reference)),
+                     paper_text(tar, paper.tar("losses", row.reference, "1e-04")),
+                     paired_agreement(accuracy, paper.direction("losses", row.name, row.reference))]
         rows.append([row.label, setting_text(summary.setting, hide=LOSSES[row.name]), str(len(summary.seeds)),
                      percent(summary.accuracy), percent(summary.fold_std), *_tar_columns(summary), *cells])
     return _table(header, rows)
@@ -205,17 +260,19 @@ def ablation_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     by_name = {s.key.split("/", 1)[1]: s for s in summaries}
     folds = fold_label(summaries)
     header = ["row", "setting (chosen on validation)", "seeds", f"accuracy % ({folds})", f"{folds} std",
-              *[f"TAR@{far} %" for far in FARS], "against", "Δ accuracy (> seed spread?)", "paper", "agrees"]
+              *[f"TAR@{far} %" for far in FARS], "against", "paired Δ accuracy [90 % CI]", "paper: combined % (Δ)",
+              "agrees"]
     rows = []
     for row in experiment.rows:
         summary = by_name[row.name]
-        expected = paper.direction("ablation", row.name)
+        combined = paper.combined("ablation", row.name)
         if row.reference is None:
-            cells = ["–", "–", "–", "–"]
+            cells = ["–", "–", paper_text(combined), "–"]
         else:
-            accuracy = difference(summary.accuracy, by_name[row.reference].accuracy)
-            cells = [row.reference, delta_text(accuracy), {1: "higher", -1: "lower"}.get(expected, "–"),
-                     agreement(accuracy, expected)]
+            accuracy = paired(summary.accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
+            cells = [row.reference, paired_text(accuracy),
+                     paper_text(combined, paper.combined("ablation", row.reference)),
+                     paired_agreement(accuracy, paper.direction("ablation", row.name, row.reference))]
         rows.append([row.label, setting_text(summary.setting, hide=("head.type",)), str(len(summary.seeds)),
                      percent(summary.accuracy), percent(summary.fold_std), *_tar_columns(summary), *cells])
     return _table(header, rows)
@@ -230,7 +287,7 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     compared = [row for row in next(iter(groups.values())) if row.reference is not None]
     reference_label = next((row.label for row in next(iter(groups.values())) if row.reference is None), None)
     header = ["label noise", *[f"{loss} accuracy %" for loss in losses],
-              *[f"Δ {row.label} − {reference_label} (> seed spread?)" for row in compared], "paper", "agrees"]
+              *[f"paired Δ {row.label} − {reference_label} [90 % CI]" for row in compared], "paper", "agrees"]
     lines = []
     for group, rows in groups.items():
         cells = [f"{100 * float(group):.0f} %", *[percent(by_name[row.name].accuracy) for row in rows]]
@@ -238,9 +295,9 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
         for row in rows:
             if row.reference is None:
                 continue
-            diff = difference(by_name[row.name].accuracy, by_name[row.reference].accuracy)
-            cells.append(delta_text(diff))
-            verdicts.append(agreement(diff, paper.direction("noise", row.name)))
+            diff = paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
+            cells.append(paired_text(diff))
+            verdicts.append(paired_agreement(diff, paper.direction("noise", row.name)))
         expected = [paper.direction("noise", row.name) for row in rows if row.reference is not None]
         claim = f"{reference_label} highest" if expected and all(e == -1 for e in expected) else "–"
         lines.append([*cells, claim, "; ".join(verdicts) or "–"])
@@ -329,9 +386,12 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
         f"Test identities only: accuracy is the {fold_label(summaries)} accuracy on `{test[0]}`, TAR@FAR from "
         f"`{next((p for p in test if not p.endswith('.bin')), test[0])}`; hyper-parameters were chosen on "
         f"{', '.join(f'`{p}`' for p in results['benchmarks']['val'])} with seed {seeds[0] if seeds else '–'}. "
-        f"Mean ± std over seeds {', '.join(map(str, seeds)) or '–'} (sample std); a difference counts only when "
-        f"|Δ| exceeds the sum of the two rows' seed std (\"yes\" in the Δ columns), \"agrees\" compares such a "
-        f"difference with the paper's direction.{_layout_note(results, summaries)}",
+        f"Mean ± std over seeds {', '.join(map(str, seeds)) or '–'} (sample std). A row is compared with its "
+        f"reference seed by seed (the same seed gives both the same data order, initialisation and flips): the "
+        f"paired Δ is the mean per-seed difference in points with its 90 % confidence interval (Student's t); a "
+        f"difference is called only when the interval excludes 0, and \"agrees\" compares its sign with the "
+        f"paper's. The paper's columns are its own figures (SFNet-20 on VGGFace2, one run each) with their "
+        f"difference from the reference row: directions compare, levels do not.{_layout_note(results, summaries)}",
         "",
         TABLES[experiment.name](summaries, experiment),
         "",
@@ -339,10 +399,6 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
         "",
         f"Paper ({paper.SOURCE}): {paper.CLAIMS[experiment.name]}",
     ]
-    quoted = paper.figures(experiment.name)
-    if quoted:
-        lines += ["", "Figures quoted from elsewhere (not yet checked against the paper):"]
-        lines += [f"- {f['what']}: {f['value']} ({f['source']})" for f in quoted]
     return "\n".join(lines)
 
 
