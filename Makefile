@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
+.PHONY: install torch test demo demo-data bench-data bench-stream bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ demo-data: install
 # Decode + augment throughput of the loader, per core; writes docs/benchmarks.md.
 bench-data: install
 	$(PY) launch/bench_data.py --out docs/benchmarks.md
+
+# Streaming loader over HTTP (Debian's nginx on 127.0.0.1, tests/nginx.sh) against the local
+# random-access loader, per core; writes the stream section of docs/benchmarks.md. About 1 minute.
+bench-stream: install
+	$(PY) launch/bench_stream.py --out docs/benchmarks.md
 
 # Checkpoint save/load seconds of a 1M-class head shard, to choose run.checkpoint_every; writes docs/benchmarks.md.
 BENCH_CHECKPOINT_ARGS ?=

@@ -106,6 +106,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     # torch and the rest load after the config is known to be sound
+    from sf2dist.data import ShardReadError
     from sf2dist.train import Trainer
     from sf2dist.train.trainer import (BadStepsError, EvaluationError, check_backbone, check_settings, headline,
                                        resume_point)
@@ -136,6 +137,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"train.py (rank {info.rank}): {err}", file=sys.stderr, flush=True)
         if err.__cause__ is not None:  # what failed inside the evaluation, for a bug report
             traceback.print_exception(err.__cause__, file=sys.stderr)
+        return 1
+    except ShardReadError as err:  # a streamed shard that could not be read, retries spent: its URL and why
+        print(f"train.py (rank {info.rank}): {err}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:
         lost = parallel.lost_peer(str(err), cfg.run.timeout_s)

@@ -62,7 +62,10 @@ class RunConfig:
 class DataConfig:
     """The training shards and how they are batched."""
 
-    train: str = ""  # shard directory (with manifest.json); required by the trainer
+    # shard directory (with manifest.json; random access), or shards to stream sequentially: a webdataset URL
+    # pattern (http://host/train/shard-{000000..000099}.tar), URLs or pipe:COMMANDs joined with ::, .tar paths
+    # (docs/data.md, "Streaming shards"); required by the trainer
+    train: str = ""
     num_classes: int | None = None  # if set, must match the manifest (null: taken from it)
     # images per rank per micro-batch (global batch: ranks x this x optim.accumulation_steps); with
     # data.global_batch_size set, the most a rank takes per micro-batch (its memory cap)
@@ -80,6 +83,15 @@ class DataConfig:
     # exactly round(p n_c) per class, fixed by run.seed, the same in every epoch and on any number of ranks
     label_noise: float = 0.0
     flip: bool = True  # random horizontal flips
+    # streamed shards: each rank mixes its samples in blocks of this many (held encoded in memory, about
+    # 5-10 KB each for 112x112 faces); a directory ignores it
+    shuffle_buffer: int = 10000
+    # streamed shards: where manifest.json is (a URL, pipe:COMMAND or path); "": beside the first shard of
+    # data.train (its file name replaced by manifest.json)
+    manifest: str = ""
+    # streamed shards: how often a shard (or the manifest) that fails to read is read again, after 1, 2, 4 ...
+    # s, before the run stops with an error naming its URL (it never trains on fewer samples)
+    retries: int = 3
 
 
 @dataclass
@@ -503,11 +515,11 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
     # None (where a field allows it) means "not set" and is always fine here.
     for key in ("run.epochs", "run.max_steps", "run.log_every", "run.keep_checkpoints", "run.timeout_s",
                 "run.max_bad_steps", "data.num_classes", "data.batch_size", "data.global_batch_size",
-                "model.embedding_dim", "optim.accumulation_steps", "eval.batch_size"):
+                "data.shuffle_buffer", "model.embedding_dim", "optim.accumulation_steps", "eval.batch_size"):
         if value(key) is not None and value(key) < 1:
             fail(key, f"must be at least 1, got {value(key)}")
-    for key in ("run.eval_every", "run.checkpoint_every", "data.num_workers", "optim.warmup_steps",
-                "optim.weight_decay"):
+    for key in ("run.eval_every", "run.checkpoint_every", "data.num_workers", "data.retries",
+                "optim.warmup_steps", "optim.weight_decay"):
         if value(key) < 0:
             fail(key, f"must not be negative, got {value(key)}")
     for key in ("optim.lr", "optim.head_lr", "optim.power", "optim.gamma", "optim.clip_grad_norm"):
@@ -681,7 +693,7 @@ def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
 RESUME_SAFE_KEYS = (
     "run.dir", "run.resume", "run.epochs", "run.max_steps", "run.log_every", "run.eval_every",
     "run.checkpoint_every", "run.keep_checkpoints", "run.timeout_s", "run.max_bad_steps",
-    "data.num_workers", "eval.*", "logging.*",
+    "data.num_workers", "data.retries", "data.manifest", "eval.*", "logging.*",
 )
 # How a step's images are split over ranks and micro-batches. With data.global_batch_size equal to
 # the checkpoint's global batch (images per step), changing them changes no step's images, only

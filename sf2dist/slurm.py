@@ -35,19 +35,33 @@ class NotReady(ValueError):
     """The job cannot start; the message says why and what to change."""
 
 
-def check_ready(cfg: Config, cuda_available: bool | None = None) -> None:
-    """Refuse a job that would fail after it got its nodes, or silently train on the CPU."""
-    manifest = Path(cfg.data.train) / "manifest.json" if cfg.data.train else None
-    if manifest is None or not manifest.is_file():
+def _check_train_data(cfg: Config) -> None:
+    """data.train: a shard directory with its manifest, or shards to stream whose manifest can be fetched."""
+    train = cfg.data.train
+    if train and not Path(train).is_dir():
+        from sf2dist.data.stream import ShardReadError, is_stream_source, train_manifest
+
+        if is_stream_source(train):
+            try:
+                train_manifest(train, cfg.data.manifest or None, retries=cfg.data.retries)
+            except (ValueError, ShardReadError) as err:
+                raise NotReady(f"data.train={train!r}: {err}") from None
+            return
+    if not train or not (Path(train) / "manifest.json").is_file():
         why = "convert the data first (sf2dist-convert) or point data.train at a shard directory"
-        if cfg.data.train:
+        if train:
             from sf2dist.data.shards import ShardFormatError, read_manifest
 
             try:  # says what the directory is instead: raw images, a synth root, an unfinished conversion
-                read_manifest(cfg.data.train)
+                read_manifest(train)
             except ShardFormatError as err:
                 why = str(err)
-        raise NotReady(f"data.train={cfg.data.train!r}: no manifest.json there: {why}")
+        raise NotReady(f"data.train={train!r}: no manifest.json there: {why}")
+
+
+def check_ready(cfg: Config, cuda_available: bool | None = None) -> None:
+    """Refuse a job that would fail after it got its nodes, or silently train on the CPU."""
+    _check_train_data(cfg)
     missing = [str(p) for p in cfg.eval.benchmarks if not Path(p).exists()]
     if missing:
         raise NotReady(f"eval.benchmarks: {', '.join(missing)} not found")

@@ -309,10 +309,13 @@ class ShardLoader:
     """
 
     def __init__(self, batches: EpochBatches, *, epoch: int, start_step: int, num_workers: int,
-                 pin_memory: bool, prefetch_factor: int, device: torch.device | str | None = None):
+                 pin_memory: bool, prefetch_factor: int, device: torch.device | str | None = None,
+                 sampler: Sampler | None = None):
         self.batches = batches
         self.device = torch.device(device or "cpu")
-        self._sampler = _StepSampler(batches.batches_per_epoch)
+        # the keys of the steps to run: (epoch, step), or what another dataset takes (stream.py); it has
+        # epoch, start_step and batches_per_epoch attributes
+        self._sampler = sampler if sampler is not None else _StepSampler(batches.batches_per_epoch)
         self.set_epoch(epoch, start_step)
         # the workers' pids and the "closing" flag, shared with them (see _worker_started)
         workers = (multiprocessing.RawArray("q", max(num_workers, 1)), multiprocessing.RawValue("b", 0))
@@ -394,6 +397,10 @@ def make_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     device: torch.device | str | None = None,
+    shuffle_buffer: int = 10000,
+    manifest_url: str | None = None,
+    retries: int = 3,
+    retry_delay_s: float = 1.0,
 ) -> ShardLoader:
     """The loader of rank `rank` out of `world_size` for the shards in `shard_dir`.
 
@@ -401,6 +408,11 @@ def make_loader(
     `num_classes`, when given, must equal the manifest's (the head is sized from it).
     `label_noise` is the fraction of each class's samples whose label is replaced by a
     uniformly drawn other class (`noisy_labels`: per class, fixed by the seed).
+
+    A `shard_dir` that names shards to stream (URLs, `pipe:` commands, brace patterns, `::`
+    lists, .tar paths) gets the streaming loader of sf2dist/data/stream.py instead, which
+    also takes `shuffle_buffer`, `manifest_url` (where manifest.json is; None: beside
+    the shards), `retries` and `retry_delay_s`; a directory ignores them.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -410,6 +422,15 @@ def make_loader(
         raise ValueError(f"num_workers must be non-negative, got {num_workers}")
     if not 0.0 <= label_noise < 1.0:
         raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+    from sf2dist.data import stream  # it imports this module
+
+    if stream.is_stream_source(shard_dir):
+        return stream.make_stream_loader(
+            str(shard_dir), batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+            seed=seed, epoch=epoch, num_classes=num_classes, flip=flip, label_noise=label_noise,
+            start_step=start_step, pin_memory=pin_memory, prefetch_factor=prefetch_factor, device=device,
+            shuffle_buffer=shuffle_buffer, manifest_url=manifest_url, retries=retries, retry_delay_s=retry_delay_s,
+        )
     manifest = read_manifest(shard_dir)
     if num_classes is not None and num_classes != manifest.num_classes:
         raise ValueError(

@@ -30,8 +30,9 @@ from tqdm import tqdm
 from sf2dist import comm, parallel, stop
 from sf2dist.config import (BATCH_SPLIT_KEYS, BatchPlan, Change, Config, ConfigError, batch_plan, config_changes,
                             config_to_dict, resume_safe, save_config)
-from sf2dist.data import make_loader
-from sf2dist.data.shards import Manifest, read_manifest
+from sf2dist.data import make_loader, train_manifest
+from sf2dist.data.shards import Manifest
+from sf2dist.data.stream import manifest_path
 from sf2dist.eval import ExtractOptions, PreparedBenchmark, evaluate_prepared, prepare_benchmark
 from sf2dist.heads import LambdaSchedule, PartialFCHead, SphereFace2Head, make_head_sgd
 from sf2dist.models import create_backbone
@@ -115,8 +116,8 @@ def check_backbone(cfg: Config, sources: dict[str, str] | None = None) -> None:
 def check_settings(cfg: Config) -> None:
     """What needs no file read: data.train set, every benchmark present, the backbone's arguments."""
     if not cfg.data.train:
-        raise ValueError("data.train is empty: set it to a shard directory (with manifest.json), "
-                         "e.g. --set data.train=data/demo/train")
+        raise ValueError("data.train is empty: set it to a shard directory (with manifest.json) or shards to stream "
+                         "(URLs, e.g. http://host/train/shard-{000000..000099}.tar), e.g. --set data.train=data/demo/train")
     missing = [path for path in cfg.eval.benchmarks if not Path(path).exists()]
     if missing:  # found now, not after the last step of a long run
         raise ValueError(f"eval.benchmarks: {', '.join(map(str, missing))} not found; fix the path or remove it "
@@ -127,13 +128,13 @@ def check_settings(cfg: Config) -> None:
 def read_train_manifest(cfg: Config) -> Manifest:
     """data.train's manifest, checked against data.num_classes and for square images (ValueError)."""
     try:
-        manifest = read_manifest(cfg.data.train)
+        manifest = train_manifest(cfg.data.train, cfg.data.manifest or None, retries=cfg.data.retries)
     except ValueError as err:
         raise ValueError(f"data.train: {err}") from None
-    manifest_path = Path(cfg.data.train) / "manifest.json"
+    where = manifest_path(cfg.data.train, cfg.data.manifest or None)
     if cfg.data.num_classes is not None and cfg.data.num_classes != manifest.num_classes:
         raise ValueError(f"data.num_classes={cfg.data.num_classes} does not match the {manifest.num_classes} classes "
-                         f"of {manifest_path}: set data.num_classes={manifest.num_classes} or remove it (the head is "
+                         f"of {where}: set data.num_classes={manifest.num_classes} or remove it (the head is "
                          f"sized from the manifest), or point data.train at the shards you meant")
     height, width = manifest.image_size
     if height != width:
@@ -457,7 +458,8 @@ class Trainer:
             cfg.data.train, batch_size=self.plan.per_rank, rank=self.rank, world_size=self.world_size,
             num_workers=cfg.data.num_workers, seed=cfg.run.seed, num_classes=cfg.data.num_classes,
             flip=cfg.data.flip, label_noise=cfg.data.label_noise, pin_memory=self.device.type == "cuda",
-            device=self.device,
+            device=self.device, shuffle_buffer=cfg.data.shuffle_buffer, manifest_url=cfg.data.manifest or None,
+            retries=cfg.data.retries,
         )
         height, width = manifest.image_size
         self.warnings = [*warnings, *batch_warnings(cfg, self.plan, manifest.num_samples),
