@@ -9,14 +9,18 @@ import torch
 import sf2dist.models
 from sf2dist.eval import load_backbone
 from sf2dist.models import backbone_spec, create_backbone, list_backbones, register_backbone
+from sf2dist.models.registry import backbone_arguments
 from sf2dist.models.sfnet import NORMS
 
 # Small inputs keep the gradient tests fast; every backbone must also run at the default 112.
 SMALL_INPUT, SMALL_DIM = 32, 64
 
 SFNETS = [name for name in list_backbones() if name.startswith("sfnet")]
+# Over 100M parameters: a minute of building and running here; tests/test_models_arcface.py
+# checks their layout on the meta device and runs the same blocks in the smaller networks.
+LARGE = {"r200", "vit_b", "vit_b_dp005_mask_005", "vit_l", "vit_l_dp005_mask_005", "vit_h"}
 # Every registered backbone with its defaults, and every sfnet with each norm besides its default.
-VARIANTS = [pytest.param(name, {}, id=name) for name in list_backbones()] + [
+VARIANTS = [pytest.param(name, {}, id=name) for name in list_backbones() if name not in LARGE] + [
     pytest.param(name, {"norm": norm}, id=f"{name}-norm={norm}")
     for name in SFNETS
     for norm in NORMS
@@ -47,6 +51,8 @@ def test_every_backbone_is_registered_and_listed_sorted():
 @pytest.mark.parametrize("name, kwargs", VARIANTS)
 def test_forward_shape_and_finite_gradients_for_every_parameter(name, kwargs):
     torch.manual_seed(0)
+    if "drop_path" in backbone_arguments(name):  # stochastic depth may drop a branch for both images
+        kwargs = {**kwargs, "drop_path": 0.0}
     model = create_backbone(name, embedding_dim=SMALL_DIM, input_size=SMALL_INPUT, **kwargs).train()
     embeddings = model(images(2, SMALL_INPUT))
     assert embeddings.shape == (2, SMALL_DIM) and embeddings.dtype == torch.float32

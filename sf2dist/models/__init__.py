@@ -3,20 +3,33 @@
 Build one by name with `create_backbone(name, **kwargs)`; `list_backbones()` names them all;
 `backbone_spec(model)` gives the `{"name", "kwargs"}` a checkpoint stores to rebuild it.
 Importing this package registers iresnet18/50/100, sfnet4/20/36/64 (with `norm: batch|none`),
-mobilefacenet and smallcnn.
+mobilefacenet and smallcnn, and arcface_torch's networks under its names (`ARCFACE_TORCH_BACKBONES`:
+r18/34/50/100/200, mbf, mbf_large, vit_t/s/b/l/h and the WebFace42M ViTs), whose state_dicts
+load arcface_torch's `backbone.pth` files as they are.
 Backbones never use torch.distributed: parallelism is applied from outside.
 """
+from sf2dist.models.arcface import ArcFaceIResNet, ArcFaceMobileFaceNet, arcface_keys_from_iresnet
 from sf2dist.models.iresnet import IResNet
 from sf2dist.models.mobilefacenet import MobileFaceNet
 from sf2dist.models.registry import backbone_spec, create_backbone, list_backbones, register_backbone
 from sf2dist.models.sfnet import SFNet
 from sf2dist.models.small import SmallCNN
+from sf2dist.models.vit import VIT_VARIANTS, VisionTransformer
+
+# Every network name of arcface_torch's backbones.get_model that sf2dist builds, in its order
+# (plus vit_l, which it lacks), each with its module names so its state_dicts load strictly.
+ARCFACE_TORCH_BACKBONES = ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large", *VIT_VARIANTS)
 
 __all__ = [
+    "ARCFACE_TORCH_BACKBONES",
+    "ArcFaceIResNet",
+    "ArcFaceMobileFaceNet",
     "IResNet",
     "MobileFaceNet",
     "SFNet",
     "SmallCNN",
+    "VisionTransformer",
+    "arcface_keys_from_iresnet",
     "backbone_spec",
     "create_backbone",
     "list_backbones",
