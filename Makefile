@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data bench-stream bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
+.PHONY: install torch test demo demo-data bench-data bench-convert bench-stream bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ demo-data: install
 # Decode + augment throughput of the loader, per core; writes docs/benchmarks.md.
 bench-data: install
 	$(PY) launch/bench_data.py --out docs/benchmarks.md
+
+# sf2dist-convert images/s at 1 and 2 workers on synthetic faces, and the listing of 200,000
+# identity folders; writes the convert section of docs/benchmarks.md. About 4-7 minutes.
+bench-convert: install
+	$(PY) launch/bench_convert.py --out docs/benchmarks.md
 
 # Streaming loader over HTTP (Debian's nginx on 127.0.0.1, tests/nginx.sh) against the local
 # random-access loader, per core; writes the stream section of docs/benchmarks.md. About 1 minute.

@@ -62,7 +62,8 @@ def test_empty_and_nested_folders_are_named_and_labels_have_no_gaps(tmp_path, ca
     assert not (out / "rejects.jsonl").exists()  # nothing rejected: no file, and none pointed at
 
 
-def test_identity_with_every_image_rejected_gets_no_label(tmp_path, capsys):
+def test_identity_with_every_image_rejected_keeps_an_unused_label(tmp_path, capsys):
+    """Labels come from the listing (so that workers and --part runs label alike): bob keeps 11."""
     root = tmp_path / "faces"
     make_folders(root, {
         "alice": [face_jpeg(1, SIZE), face_jpeg(2, SIZE)],
@@ -73,11 +74,12 @@ def test_identity_with_every_image_rejected_gets_no_label(tmp_path, capsys):
     code, stdout, stderr = run(capsys, "folder", "--root", root, "--out", out, "--image-size", SIZE,
                                "--label-offset", 10, "--max-reject-fraction", 0.2)
     assert code == 0, stderr
-    assert stdout.startswith(f"read 5 images: wrote 4 samples of 12 classes in 1 shard to {out}, rejected 1 "
+    assert stdout.startswith(f"read 5 images: wrote 4 samples of 13 classes in 1 shard to {out}, rejected 1 "
                              f"(reasons in {out / 'rejects.jsonl'})")
-    assert "1 identity folder had every image rejected and got no label" in stderr and stderr.rstrip().endswith(": bob")
-    assert (out / "labels.tsv").read_text() == "10\talice\n11\tcarol\n"
-    assert written_labels(out) == [10, 10, 11, 11]
+    assert "1 identity folder had every image rejected" in stderr and "still count in num_classes" in stderr
+    assert stderr.rstrip().endswith(": bob")
+    assert (out / "labels.tsv").read_text() == "10\talice\n11\tbob\n12\tcarol\n"
+    assert written_labels(out) == [10, 10, 12, 12]
     (reject,) = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert reject["key"] == "bob/0.jpg"
     # the reason says what the bytes are, without a Python object repr

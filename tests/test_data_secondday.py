@@ -74,7 +74,8 @@ def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
     assert proc.returncode == 130, stderr
     assert took < 10
     assert stderr.rstrip().endswith(
-        f"sf2dist-convert: interrupted; {out} is unfinished (run again with --overwrite to start over)"
+        f"sf2dist-convert: interrupted; {out} is unfinished (run the same command again to resume it, "
+        f"or with --overwrite to start over)"
     ), stderr
     assert "Traceback" not in stderr
     assert not (out / "manifest.json").exists()

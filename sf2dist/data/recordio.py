@@ -167,29 +167,22 @@ def integer_label(value: float, where: str) -> int:
     return int(value)
 
 
-class RecordIODataset:
-    """A .rec/.idx pair: its layout and its image records in key order."""
+class RecordReader:
+    """Records of a .rec file read by key and byte offset (from its .idx), without the index.
+
+    What a conversion worker needs: it opens the file once and reads the records it is given,
+    with the checks and messages of `RecordIODataset`.
+    """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
         self.rec_path, self.idx_path = os.fspath(rec_path), os.fspath(idx_path)
-        self.index = read_index(idx_path)
         self._rec = RecordFile(rec_path)
-        self.layout = self._read_layout()
 
     def close(self) -> None:
         self._rec.close()
 
-    def __enter__(self) -> RecordIODataset:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def read_key(self, key: int) -> tuple[RecordHeader, bytes]:
-        """Header and image bytes of the record with this key."""
-        if key not in self.index:
-            raise RecordIOError(f"{self.idx_path} has no entry for key {key}")
-        offset = self.index[key]
+    def read(self, key: int, offset: int) -> tuple[RecordHeader, bytes]:
+        """Header and image bytes of the record with this key, at this byte offset."""
         if offset >= self._rec.size:
             raise RecordIOError(
                 f"{self.idx_path}: key {key} points to byte offset {offset}, beyond the end of "
@@ -202,6 +195,43 @@ class RecordIODataset:
         except RecordIOError as err:
             raise RecordIOError(f"key {key}: {err}") from None
         return unpack(payload, where)
+
+    def image(self, key: int, offset: int, num_classes: int | None) -> tuple[int, bytes]:
+        """(identity label, encoded image) of an image record; the label must be an integer
+        below `num_classes` (the header record's count, None for files without one)."""
+        header, image = self.read(key, offset)
+        label = integer_label(header.identity, f"{self.rec_path}, key {key}")
+        if num_classes is not None and label >= num_classes:
+            raise RecordIOError(
+                f"{self.rec_path}, key {key}: label {label} is not below the "
+                f"{num_classes} identities the header record declares"
+            )
+        return label, image
+
+
+class RecordIODataset:
+    """A .rec/.idx pair: its layout and its image records in key order."""
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
+        self.rec_path, self.idx_path = os.fspath(rec_path), os.fspath(idx_path)
+        self.index = read_index(idx_path)
+        self.reader = RecordReader(rec_path, idx_path)
+        self.layout = self._read_layout()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> RecordIODataset:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def read_key(self, key: int) -> tuple[RecordHeader, bytes]:
+        """Header and image bytes of the record with this key."""
+        if key not in self.index:
+            raise RecordIOError(f"{self.idx_path} has no entry for key {key}")
+        return self.reader.read(key, self.index[key])
 
     def _read_layout(self) -> Layout:
         header, image = self.read_key(0) if 0 in self.index else (None, b"")
@@ -248,11 +278,30 @@ class RecordIODataset:
     def images(self) -> Iterator[tuple[int, int, bytes]]:
         """Yield (key, identity label, encoded image bytes) for every image record, by key."""
         for key in self.layout.image_keys:
-            header, image = self.read_key(key)
-            label = integer_label(header.identity, f"{self.rec_path}, key {key}")
-            if self.layout.num_classes is not None and label >= self.layout.num_classes:
-                raise RecordIOError(
-                    f"{self.rec_path}, key {key}: label {label} is not below the "
-                    f"{self.layout.num_classes} identities the header record declares"
-                )
-            yield key, label, image
+            yield key, *self.reader.image(key, self.index[key], self.layout.num_classes)
+
+
+def pack_image(label: int, image: bytes) -> bytes:
+    """The payload of an image record: a flag-0 header with the label, then the encoded image."""
+    return _PAYLOAD_HEAD.pack(0, float(label), 0, 0) + image
+
+
+def _record_bytes(payload: bytes) -> bytes:
+    """One record, split into parts flagged 1/2/3 wherever the magic sits at a 4-byte aligned
+    position (the parts drop it; `RecordFile.read` puts it back)."""
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == _MAGIC_BYTES]
+    starts, ends = [0] + [cut + 4 for cut in cuts], cuts + [len(payload)]
+    flags = [_WHOLE] if not cuts else [_FIRST] + [_MIDDLE] * (len(cuts) - 1) + [_LAST]
+    return b"".join(
+        _RECORD_HEAD.pack(MAGIC, (flag << 29) | (end - start)) + payload[start:end] + bytes(-(end - start) % 4)
+        for start, end, flag in zip(starts, ends, flags)
+    )
+
+
+def write_recordio(rec_path: str | os.PathLike, idx_path: str | os.PathLike, payloads) -> None:
+    """Write (key, payload) pairs into a .rec and its .idx (for benchmarks and examples: sf2dist
+    itself only reads RecordIO)."""
+    with open(rec_path, "wb") as rec, open(idx_path, "w") as idx:
+        for key, payload in payloads:
+            idx.write(f"{key}\t{rec.tell()}\n")
+            rec.write(_record_bytes(payload))
