@@ -98,11 +98,19 @@ class DataConfig:
 class ModelConfig:
     """The replicated backbone."""
 
-    backbone: str = "iresnet50"  # a registered backbone: iresnet18/50/100, sfnet4/20/36/64, mobilefacenet, smallcnn
+    # a registered backbone: iresnet18/50/100, sfnet4/20/36/64, mobilefacenet, smallcnn, and arcface_torch's
+    # networks by its names (r18/34/50/100/200, mbf, mbf_large, vit_t/s/b/l/h and the WebFace42M variants)
+    backbone: str = "iresnet50"
     embedding_dim: int = 512  # width of the embedding the head classifies
     # extra backbone constructor arguments, checked against the backbone's own (e.g. smallcnn: width,
     # input_pool; sfnet: norm); embedding_dim and input_size are set by sf2dist
     kwargs: dict = field(default_factory=dict)
+    # a new run's starting backbone: a state_dict file of model.backbone (with model.embedding_dim,
+    # model.kwargs and the data's image size) such as arcface_torch's backbone.pth (a DDP "module." prefix
+    # is dropped), or an sf2dist checkpoint (step directory or model.pt), of which only the backbone is
+    # taken; the head starts new. null = random initialisation. A resume loads its checkpoint and never
+    # reads this file
+    init_from: str | None = None
 
 
 @dataclass
@@ -147,8 +155,14 @@ class OptimConfig:
     """Optimisers of backbone and head, and the learning-rate schedule they share."""
 
     name: str = field(default="sgd", metadata=_choices("sgd", "adamw"))  # the optimiser of backbone and head
-    lr: float = 0.1  # base learning rate of the backbone (and of the head unless optim.head_lr is set)
+    lr: float = 0.1  # base learning rate of the backbone and the head, unless optim.backbone_lr or optim.head_lr is set
     head_lr: float | None = None  # base learning rate of the head; null = optim.lr
+    # base learning rate of the backbone; null = optim.lr. Fine-tuning from model.init_from: lower than the head's
+    backbone_lr: float | None = None
+    # the first N optimizer steps train the head only: the backbone's optimizer does not step (its weights
+    # stay those of model.init_from; its BatchNorm statistics still follow the data), and the gradient norm
+    # that optim.clip_grad_norm clips is the head's
+    freeze_backbone_steps: int = 0
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # on every weight except the SphereFace2 bias
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over these steps
@@ -519,10 +533,10 @@ def validate(cfg: Config, sources: Mapping[str, str] | None = None) -> None:
         if value(key) is not None and value(key) < 1:
             fail(key, f"must be at least 1, got {value(key)}")
     for key in ("run.eval_every", "run.checkpoint_every", "data.num_workers", "data.retries",
-                "optim.warmup_steps", "optim.weight_decay"):
+                "optim.warmup_steps", "optim.weight_decay", "optim.freeze_backbone_steps"):
         if value(key) < 0:
             fail(key, f"must not be negative, got {value(key)}")
-    for key in ("optim.lr", "optim.head_lr", "optim.power", "optim.gamma", "optim.clip_grad_norm"):
+    for key in ("optim.lr", "optim.head_lr", "optim.backbone_lr", "optim.power", "optim.gamma", "optim.clip_grad_norm"):
         if value(key) is not None and value(key) <= 0:
             fail(key, f"must be positive, got {value(key)}")
 
@@ -686,14 +700,15 @@ def save_config(cfg: Config, path: str | Path, comment: str = "") -> None:
 # Keys that may differ from the checkpoint's config when a run resumes, without asking: where the
 # run lives and ends, how often it logs, evaluates and saves, how it waits, decodes and reports.
 # None of them changes what a step computes. (run.epochs and run.max_steps move the end of the
-# run, so a poly schedule's remaining decay follows the new end from the resumed step on.)
+# run, so a poly schedule's remaining decay follows the new end from the resumed step on; a resume
+# never reads model.init_from, which starts a new run only.)
 # Every other key changes the model, the loss, the data, its order or the optimiser of the
 # remaining steps: the trainer refuses a resume that changes one unless `--allow-config-change`
 # names it. A `section.*` entry covers every key of the section.
 RESUME_SAFE_KEYS = (
     "run.dir", "run.resume", "run.epochs", "run.max_steps", "run.log_every", "run.eval_every",
     "run.checkpoint_every", "run.keep_checkpoints", "run.timeout_s", "run.max_bad_steps",
-    "data.num_workers", "data.retries", "data.manifest", "eval.*", "logging.*",
+    "data.num_workers", "data.retries", "data.manifest", "model.init_from", "eval.*", "logging.*",
 )
 # How a step's images are split over ranks and micro-batches. With data.global_batch_size equal to
 # the checkpoint's global batch (images per step), changing them changes no step's images, only

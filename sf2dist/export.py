@@ -10,10 +10,14 @@ mismatch raises `ExportMismatchError`.
 
     sf2dist-export --checkpoint RUN_DIR/checkpoints/step_N | --run RUN_DIR  --format onnx|torchscript
                    [--out PATH] [--image-size N]
+    sf2dist-export --backbone-weights backbone.pth --backbone NAME [--embedding-dim N] --format onnx|torchscript
+                   [--out PATH] [--image-size N]
 
 H = W = the size the checkpoint's backbone was trained at (its spec's `input_size`). The file
 goes to RUN_DIR/export/step_N.onnx (or .torchscript.pt): outside checkpoints/, whose old
-steps training deletes. User errors end with one line on stderr and exit status 2.
+steps training deletes. A weight file (a bare state_dict, e.g. arcface_torch's backbone.pth)
+is exported as network NAME at --image-size (default 112), beside the file (backbone.pth: backbone.onnx).
+User errors end with one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -35,12 +39,14 @@ from torch import nn
 from sf2dist.eval.checkpoint import (
     add_checkpoint_arguments,
     build_backbone,
+    check_weights_arguments,
     checkpoint_file,
     checkpoint_image_size,
     checkpoint_name,
     newest_checkpoint,
     read_checkpoint,
     run_of_checkpoint,
+    weights_backbone,
 )
 
 FORMATS = ("onnx", "torchscript")
@@ -204,7 +210,7 @@ def export_backbone(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sf2dist-export", description="Export a checkpoint's backbone to ONNX or TorchScript.")
+    parser = argparse.ArgumentParser(prog="sf2dist-export", description="Export a checkpoint's backbone, or a weight file, to ONNX or TorchScript.")
     add_checkpoint_arguments(parser, "exports")
     parser.add_argument(
         "--format",
@@ -218,16 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="output file (default: RUN_DIR/export/step_N.onnx or .torchscript.pt for a checkpoint of a run, "
-        "outside checkpoints/, whose old steps training deletes; else beside the checkpoint file, NAME.onnx or "
-        "NAME.torchscript.pt)",
+        "outside checkpoints/, whose old steps training deletes; else beside the checkpoint or weight file, "
+        "NAME.onnx or NAME.torchscript.pt)",
     )
     parser.add_argument(
         "--image-size",
         type=int,
         metavar="N",
         help="height and width of the input faces (default: the size the checkpoint's backbone was trained at, "
-        f"its input_size; {DEFAULT_IMAGE_SIZE} for a checkpoint that records none). Another size than the "
-        "recorded one is an error",
+        f"its input_size; {DEFAULT_IMAGE_SIZE} for a checkpoint that records none and for --backbone-weights). "
+        "Another size than the recorded one is an error",
     )
     return parser
 
@@ -276,13 +282,24 @@ def _embedding_width(model: nn.Module, example: torch.Tensor, path: Path) -> int
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        path = checkpoint_file(newest_checkpoint(args.run) if args.run is not None else args.checkpoint)
+        check_weights_arguments(args)
+        if args.backbone_weights is not None:
+            path = args.backbone_weights
+            path = checkpoint_file(path) if path.is_dir() else path  # a step directory: named by its model.pt
+        else:
+            path = checkpoint_file(newest_checkpoint(args.run) if args.run is not None else args.checkpoint)
         missing = missing_onnx_packages() if args.format == "onnx" else []
         if missing:  # before any work; names every package at once
             raise MissingPackageError(f"--format onnx needs {', '.join(missing)}, not installed here; {ONNX_INSTALL}")
-        checkpoint = read_checkpoint(path)
-        size = _image_size(checkpoint, path, args.image_size)
-        model = build_backbone(checkpoint, source=str(path))
+        if args.backbone_weights is not None:
+            if args.image_size is not None and args.image_size < 1:
+                raise ValueError(f"--image-size must be positive, got {args.image_size}")
+            size = args.image_size or DEFAULT_IMAGE_SIZE
+            model = weights_backbone(args, size)
+        else:
+            checkpoint = read_checkpoint(path)
+            size = _image_size(checkpoint, path, args.image_size)
+            model = build_backbone(checkpoint, source=str(path))
         example = torch.rand((2, 3, size, size), generator=torch.Generator().manual_seed(0)) * 2 - 1
         dim = _embedding_width(model, example, path)
         report = export_backbone(model, example, args.out or default_out(path, args.format), args.format)

@@ -100,8 +100,9 @@ def test_template_benchmarks_explain_their_dashes():
 
 def test_every_option_says_its_default():
     helps = option_helps(build_parser())
-    assert set(helps) == {"-h", "--checkpoint", "--run", "--benchmark", "--nproc", "--batch-size", "--device",
-                          "--workers", "--flip", "--out"}
+    assert set(helps) == {"-h", "--checkpoint", "--run", "--backbone-weights", "--backbone", "--embedding-dim",
+                          "--benchmark", "--nproc", "--batch-size", "--device", "--workers", "--flip", "--out",
+                          "--image-size"}
     for option, text in helps.items():
         assert option == "-h" or "default" in text or "required" in text, text
     assert "the run's own eval.benchmarks" in helps["--benchmark"] and "RUN_DIR/eval/step_N" in helps["--out"]

@@ -163,7 +163,8 @@ def option_helps(parser) -> dict[str, str]:
 
 def test_every_option_says_its_default():
     helps = option_helps(build_parser())
-    assert set(helps) == {"-h", "--checkpoint", "--run", "--format", "--out", "--image-size"}
+    assert set(helps) == {"-h", "--checkpoint", "--run", "--backbone-weights", "--backbone", "--embedding-dim",
+                          "--format", "--out", "--image-size"}
     for option, text in helps.items():
         assert option == "-h" or "default" in text or "required" in text, text
     assert "RUN_DIR/export/step_N.onnx" in helps["--out"] and "trained at" in helps["--image-size"]

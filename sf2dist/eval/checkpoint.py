@@ -12,6 +12,9 @@ A training run keeps its checkpoints in `RUN_DIR/checkpoints/step_NNNNNNNN/model
 files `RUN_DIR/checkpoints/*.pt` are read too); wherever a checkpoint is asked for, its step
 directory may be given instead of its model.pt. What is made from a checkpoint of a run goes
 under the run, outside `checkpoints/` (whose old steps training deletes): see `run_of_checkpoint`.
+A bare weight file (`--backbone-weights`, `weights_backbone`) is read by
+`sf2dist.models.load_backbone_weights`; what is made from it goes beside it, as for a checkpoint
+outside a run.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or turned into a backbone; the message says why."""
 
 
+WEIGHTS_EMBEDDING_DIM = 512  # arcface_torch's num_features, the width of its published backbones
 _WHAT_TO_PASS = "pass a step directory RUN_DIR/checkpoints/step_N (as training prints it), its model.pt, or --run RUN_DIR"
 
 
@@ -207,18 +211,68 @@ def newest_checkpoint(run_dir: str | os.PathLike) -> Path:
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
-    """--checkpoint PATH | --run RUN_DIR, one of them required: how sf2dist-eval and sf2dist-export name a model."""
+    """--checkpoint PATH | --run RUN_DIR | --backbone-weights PATH --backbone NAME [--embedding-dim N], one
+    source required: how sf2dist-eval and sf2dist-export name a model."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--checkpoint",
         type=Path,
         metavar="PATH",
         help="a training checkpoint: a step directory RUN_DIR/checkpoints/step_N (as training prints it), its "
-        "model.pt, or a .pt file (required unless --run is given)",
+        "model.pt, or a .pt file (required unless --run or --backbone-weights is given)",
     )
     source.add_argument(
         "--run",
         type=Path,
         metavar="RUN_DIR",
-        help=f"a training run directory: {verb} its newest checkpoint (required unless --checkpoint is given)",
+        help=f"a training run directory: {verb} its newest checkpoint (required unless --checkpoint or "
+        "--backbone-weights is given)",
     )
+    source.add_argument(
+        "--backbone-weights",
+        type=Path,
+        metavar="PATH",
+        help="a weight file of network --backbone: a bare state_dict such as arcface_torch's backbone.pth (a DDP "
+        "'module.' prefix is dropped), or an sf2dist checkpoint's backbone (required unless --checkpoint or --run "
+        "is given)",
+    )
+    parser.add_argument(
+        "--backbone",
+        metavar="NAME",
+        help="with --backbone-weights (and required by it): the registered network the file holds, e.g. r50, mbf, "
+        "vit_t (no default)",
+    )
+    parser.add_argument(
+        "--embedding-dim",
+        type=int,
+        metavar="N",
+        help=f"with --backbone-weights: the network's embedding width (default {WEIGHTS_EMBEDDING_DIM}, "
+        "arcface_torch's)",
+    )
+
+
+def check_weights_arguments(args: argparse.Namespace) -> None:
+    """--backbone and --embedding-dim go with --backbone-weights only, and --backbone is required by it."""
+    if args.backbone_weights is None:
+        given = [option for option, value in (("--backbone", args.backbone), ("--embedding-dim", args.embedding_dim))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} describe(s) the network of --backbone-weights; a checkpoint "
+                             "names its own backbone: leave them out, or pass --backbone-weights PATH")
+        return
+    if args.backbone is None:
+        raise ValueError(f"--backbone-weights {args.backbone_weights} needs --backbone NAME, the registered network "
+                         "the file holds (e.g. r50, mbf, vit_t; sf2dist's list: sf2dist.models.list_backbones())")
+    if args.embedding_dim is None:
+        args.embedding_dim = WEIGHTS_EMBEDDING_DIM
+    if args.embedding_dim < 1:
+        raise ValueError(f"--embedding-dim must be positive, got {args.embedding_dim}")
+
+
+def weights_backbone(args: argparse.Namespace, input_size: int) -> nn.Module:
+    """The network --backbone with the weights of --backbone-weights at `input_size`, in eval mode on CPU."""
+    from sf2dist.models import load_backbone_weights  # the registry, imported where it is used (see backbone_factory)
+
+    model = load_backbone_weights(args.backbone, args.backbone_weights, embedding_dim=args.embedding_dim,
+                                  input_size=input_size)
+    return model.eval()

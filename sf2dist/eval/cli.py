@@ -2,6 +2,8 @@
 
     sf2dist-eval --checkpoint RUN_DIR/checkpoints/step_N | --run RUN_DIR  [--benchmark FILE_OR_DIR...]
                  [--nproc N] [--flip sum|concat|none] [--out DIR]
+    sf2dist-eval --backbone-weights backbone.pth --backbone NAME [--embedding-dim N] [--image-size N]
+                 --benchmark FILE_OR_DIR... [--nproc N] [--flip sum|concat|none] [--out DIR]
 
 Without `--benchmark`, the benchmarks the checkpoint's run evaluated (its config's
 `eval.benchmarks`, stored in the checkpoint) are used. Results go to RUN_DIR/eval/step_N/ for
@@ -9,6 +11,11 @@ a checkpoint of a run (else beside the checkpoint, in eval/NAME/), never the cur
 results.json, which keeps one result per benchmark and flip test over every evaluation of the
 checkpoint written there (`sf2dist.eval.results`), and roc-FLIP.png. A folder whose results.json
 is broken or holds another checkpoint's results is refused before anything is evaluated.
+A weight file (a bare state_dict such as arcface_torch's backbone.pth, read by
+`sf2dist.models.load_backbone_weights`) is evaluated as network NAME at --image-size (default
+112) on the --benchmark sets, with flip sum unless --flip says otherwise; its results go beside
+it, to eval/STEM/ (backbone.pth: eval/backbone/), as a checkpoint's outside a run, and record
+the file and the network ("checkpoint", "backbone"; "step" null).
 With `--nproc N` the images of each benchmark are split over N local processes (gloo on
 CPU, NCCL with one GPU each on CUDA); under torchrun the launcher's ranks are used instead.
 Rank 0 prints and writes; every number is computed from the gathered embeddings. User errors
@@ -31,6 +38,7 @@ from sf2dist.eval.checkpoint import (
     add_checkpoint_arguments,
     backbone_factory,
     build_backbone,
+    check_weights_arguments,
     checkpoint_file,
     checkpoint_image_size,
     checkpoint_name,
@@ -38,11 +46,14 @@ from sf2dist.eval.checkpoint import (
     newest_checkpoint,
     read_checkpoint,
     run_of_checkpoint,
+    weights_backbone,
 )
 from sf2dist.eval.evaluate import ExtractOptions, evaluate_prepared, prepare_benchmark
 from sf2dist.eval.extract import FLIP_MODES
 from sf2dist.eval.results import format_table, read_results, write_results
 from sf2dist.report import machine_description
+
+WEIGHTS_IMAGE_SIZE = 112  # --backbone-weights: the faces arcface_torch's networks are trained on
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="output folder for results.json and roc-FLIP.png, added to when it holds this checkpoint's results "
-        "(default: RUN_DIR/eval/step_N for a checkpoint of a run, else eval/NAME beside the checkpoint file)",
+        "(default: RUN_DIR/eval/step_N for a checkpoint of a run, else eval/NAME beside the checkpoint or weight "
+        "file)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        metavar="N",
+        help=f"with --backbone-weights: the height and width of the faces the network is built for (default "
+        f"{WEIGHTS_IMAGE_SIZE}); a checkpoint's backbone takes the size it was trained at",
     )
     return parser
 
@@ -95,6 +114,13 @@ def _resolve(args: argparse.Namespace) -> None:
 
     The checkpoint is read here, so that a bad one fails once, before any rank starts.
     """
+    check_weights_arguments(args)
+    if args.backbone_weights is not None:
+        _resolve_weights(args)
+        return
+    if args.image_size is not None:
+        raise ValueError("--image-size applies to --backbone-weights only: a checkpoint's backbone takes the size it "
+                         "was trained at")
     if args.run is not None:
         args.checkpoint = newest_checkpoint(args.run)
         print(f"evaluating {args.checkpoint}", file=sys.stderr)
@@ -124,6 +150,30 @@ def _resolve(args: argparse.Namespace) -> None:
         base = run / "eval" if run is not None else args.checkpoint.parent / "eval"
         args.out = base / checkpoint_name(args.checkpoint)
     read_results(args.out, evaluated_checkpoint(args.checkpoint, checkpoint))  # refused here, not after the work
+
+
+def _resolve_weights(args: argparse.Namespace) -> None:
+    """`_resolve` for --backbone-weights: the file is loaded here too, so that a mismatch fails once, before
+    any rank starts; `args.checkpoint` is its file and `args.weights_spec` the network it is read into."""
+    if args.benchmark is None:
+        raise ValueError(f"--backbone-weights {args.backbone_weights} records no benchmarks to evaluate on; pass "
+                         "--benchmark FILE_OR_DIR...")
+    if args.image_size is None:
+        args.image_size = WEIGHTS_IMAGE_SIZE
+    if args.image_size < 1:
+        raise ValueError(f"--image-size must be positive, got {args.image_size}")
+    from sf2dist.models import backbone_spec  # the registry, imported where it is used (see backbone_factory)
+
+    path = args.backbone_weights
+    args.checkpoint = checkpoint_file(path) if path.is_dir() else path  # what names the results
+    args.weights_spec = backbone_spec(weights_backbone(args, args.image_size))
+    if args.flip is None:
+        args.flip = "sum"
+    if args.out is None:
+        run = run_of_checkpoint(args.checkpoint)
+        base = run / "eval" if run is not None else args.checkpoint.parent / "eval"
+        args.out = base / checkpoint_name(args.checkpoint)
+    read_results(args.out, evaluated_checkpoint(args.checkpoint, {"backbone": args.weights_spec}))
 
 
 def evaluated_checkpoint(path: Path, checkpoint: dict) -> dict:
@@ -168,8 +218,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> None:
     """This rank's share of the evaluation; rank 0 prints the table and writes the results."""
     info, device = parallel.init_distributed(args.device)
     try:
-        checkpoint = read_checkpoint(args.checkpoint)
-        model = build_backbone(checkpoint, device, source=str(args.checkpoint))
+        if args.backbone_weights is not None:  # a bare weight file: what the results record of it, as of a checkpoint
+            checkpoint = {"backbone": args.weights_spec}
+            model = weights_backbone(args, args.image_size).to(device)
+        else:
+            checkpoint = read_checkpoint(args.checkpoint)
+            model = build_backbone(checkpoint, device, source=str(args.checkpoint))
         options = ExtractOptions(batch_size=args.batch_size, flip=args.flip, device=device, num_workers=args.workers)
         size = checkpoint_image_size(checkpoint)  # a benchmark of another size fails on its first image
         results = []

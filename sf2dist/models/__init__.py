@@ -5,7 +5,8 @@ Build one by name with `create_backbone(name, **kwargs)`; `list_backbones()` nam
 Importing this package registers iresnet18/50/100, sfnet4/20/36/64 (with `norm: batch|none`),
 mobilefacenet and smallcnn, and arcface_torch's networks under its names (`ARCFACE_TORCH_BACKBONES`:
 r18/34/50/100/200, mbf, mbf_large, vit_t/s/b/l/h and the WebFace42M ViTs), whose state_dicts
-load arcface_torch's `backbone.pth` files as they are.
+load arcface_torch's `backbone.pth` files as they are. `load_backbone_weights(name, path, **kwargs)`
+builds one from such a file (or an sf2dist checkpoint's backbone), one clear error when it does not fit.
 Backbones never use torch.distributed: parallelism is applied from outside.
 """
 from sf2dist.models.arcface import ArcFaceIResNet, ArcFaceMobileFaceNet, arcface_keys_from_iresnet
@@ -15,6 +16,8 @@ from sf2dist.models.registry import backbone_spec, create_backbone, list_backbon
 from sf2dist.models.sfnet import SFNet
 from sf2dist.models.small import SmallCNN
 from sf2dist.models.vit import VIT_VARIANTS, VisionTransformer
+from sf2dist.models.weights import (BackboneWeightsError, check_backbone_weights, load_backbone_weights,
+                                    read_backbone_weights)
 
 # Every network name of arcface_torch's backbones.get_model that sf2dist builds, in its order
 # (plus vit_l, which it lacks), each with its module names so its state_dicts load strictly.
@@ -23,6 +26,7 @@ ARCFACE_TORCH_BACKBONES = ("r18", "r34", "r50", "r100", "r200", "mbf", "mbf_larg
 __all__ = [
     "ARCFACE_TORCH_BACKBONES",
     "ArcFaceIResNet",
+    "BackboneWeightsError",
     "ArcFaceMobileFaceNet",
     "IResNet",
     "MobileFaceNet",
@@ -31,7 +35,10 @@ __all__ = [
     "VisionTransformer",
     "arcface_keys_from_iresnet",
     "backbone_spec",
+    "check_backbone_weights",
     "create_backbone",
     "list_backbones",
+    "load_backbone_weights",
+    "read_backbone_weights",
     "register_backbone",
 ]

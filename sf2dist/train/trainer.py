@@ -35,7 +35,7 @@ from sf2dist.data.shards import Manifest
 from sf2dist.data.stream import manifest_path
 from sf2dist.eval import ExtractOptions, PreparedBenchmark, evaluate_prepared, prepare_benchmark
 from sf2dist.heads import LambdaSchedule, PartialFCHead, SphereFace2Head, make_head_sgd
-from sf2dist.models import create_backbone
+from sf2dist.models import create_backbone, load_backbone_weights
 from sf2dist.models.registry import backbone_arguments
 from sf2dist.train import checkpoint, optim
 from sf2dist.train.engine import make_engine
@@ -122,7 +122,25 @@ def check_settings(cfg: Config) -> None:
     if missing:  # found now, not after the last step of a long run
         raise ValueError(f"eval.benchmarks: {', '.join(map(str, missing))} not found; fix the path or remove it "
                          f"from eval.benchmarks")
+    if cfg.optim.freeze_backbone_steps and cfg.engine.type == "deepspeed":
+        # a DeepSpeed engine expects its step after every accumulation boundary: skipping it is untested
+        raise ValueError("optim.freeze_backbone_steps needs engine.type ddp: with deepspeed the backbone's steps "
+                         "cannot be skipped yet; freeze with ddp, or use a small optim.backbone_lr instead")
     check_backbone(cfg)
+
+
+def initial_backbone(cfg: Config, input_size: int, resuming: bool) -> torch.nn.Module:
+    """model.backbone for `input_size` images, with model.init_from's weights in a new run.
+
+    A resume loads its checkpoint's backbone over this one, so it never reads model.init_from.
+    """
+    arguments = dict(embedding_dim=cfg.model.embedding_dim, input_size=input_size, **cfg.model.kwargs)
+    if cfg.model.init_from is None or resuming:
+        return create_backbone(cfg.model.backbone, **arguments)
+    try:
+        return load_backbone_weights(cfg.model.backbone, cfg.model.init_from, **arguments)
+    except ValueError as err:
+        raise ValueError(f"model.init_from: {err}") from None
 
 
 def read_train_manifest(cfg: Config) -> Manifest:
@@ -402,8 +420,7 @@ def check_run(cfg: Config, allow_config_change: Sequence[str] = (), warnings: Se
     manifest = read_train_manifest(cfg)
     for benchmark in cfg.eval.benchmarks:  # one at a time: only one benchmark's images are held
         prepare_benchmarks([benchmark], 0, 1, manifest.image_size)
-    backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim,
-                               input_size=manifest.image_size[0], **cfg.model.kwargs)
+    backbone = initial_backbone(cfg, manifest.image_size[0], resuming=point.checkpoint is not None)
     batches = math.ceil(manifest.num_samples / (plan.world_size * plan.per_rank))  # per epoch, as the loader counts
     steps = total_steps(cfg, plan, batches, start_position(point, plan, manifest.num_samples))
     device = torch.device("cuda" if cfg.engine.device == "cuda" or (cfg.engine.device == "auto"
@@ -468,8 +485,12 @@ class Trainer:
         # each rank decodes only the images it embeds, and keeps them for every evaluation.
         self.benchmarks = prepare_benchmarks(cfg.eval.benchmarks, self.rank, self.world_size, (height, width))
         torch.manual_seed(cfg.run.seed)  # the same initial backbone on every rank
-        backbone = create_backbone(cfg.model.backbone, embedding_dim=cfg.model.embedding_dim, input_size=height,
-                                   **cfg.model.kwargs)
+        resuming = self.resume_point.checkpoint is not None
+        backbone = initial_backbone(cfg, height, resuming)
+        if self.rank == 0 and cfg.model.init_from is not None:
+            tqdm.write(f"model.init_from {cfg.model.init_from}: " + (
+                "not read, the run resumes from its checkpoint" if resuming else
+                f"backbone {cfg.model.backbone} starts from its weights, the head from scratch"))
         torch.manual_seed(cfg.run.seed + self.rank)
         self.engine = make_engine(backbone, cfg, self.device, self.world_size, micro_batch_size=self.plan.per_rank)
         self.head = build_head(cfg, self.loader.num_classes).to(self.device)
@@ -477,6 +498,7 @@ class Trainer:
         # numbers are read once: the head needs no read of its own (issue #24)
         self.head.equal_batches = self.head.defer_input_checks = True
         self.head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
+        self.backbone_lr = cfg.optim.backbone_lr if cfg.optim.backbone_lr is not None else cfg.optim.lr
         groups = optim.head_param_groups(self.head, cfg.optim)
         if cfg.optim.name == "sgd":  # fused into the head's forward, row-sparse when sampled, or plain
             self.head_optimizer = make_head_sgd(self.head, groups, lr=self.head_lr, momentum=cfg.optim.momentum,
@@ -705,8 +727,13 @@ class Trainer:
                     loss = self.head(embeddings.float(), labels) / accumulation  # [] this rank's share
                 self.engine.backward(loss * scale if scale != 1.0 else loss)
             loss_share += self.head.loss_share(loss)
+        # optim.freeze_backbone_steps: the backbone still runs its backward (DDP expects every parameter's
+        # gradient), but its optimizer does not step, and its gradient is left out of the norm
+        frozen = self.state.step < self.cfg.optim.freeze_backbone_steps
+        no_norm = torch.zeros((), dtype=torch.float64, device=self.device)
+        backbone_sq_norm = no_norm if frozen else self.engine.grad_sq_norm()
         numbers = optim.global_grad_norm_and_loss(
-            self.engine.grad_sq_norm(), self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted(),
+            backbone_sq_norm, self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted(),
             extra=self.head.input_problems)
         if self.head.input_problems is not None:  # a wrong label or a non-finite embedding: the step is not taken
             self.head.raise_input_problems(numbers.extra)
@@ -721,8 +748,9 @@ class Trainer:
             if factor != 1.0:
                 self.engine.scale_grads_(factor)
                 optim.scale_grads_(self.head.parameters(), factor)
-            self.engine.set_lr(self.cfg.optim.lr * lr_factor)
-            self.engine.step()
+            self.engine.set_lr(self.backbone_lr * lr_factor)
+            if not frozen:
+                self.engine.step()
             self.head_optimizer.step()
             self.consecutive_bad = 0
         else:
@@ -730,7 +758,7 @@ class Trainer:
         self.loss_scale.update(finite)
         self.engine.zero_grad()
         self.head_optimizer.zero_grad(set_to_none=True)
-        return loss, norm, self.cfg.optim.lr * lr_factor
+        return loss, norm, self.backbone_lr * lr_factor
 
     def _bad_step(self, loss: float, norm: float) -> None:
         """Every rank sees the same all-reduced numbers, so every rank skips this step together."""
