@@ -19,7 +19,15 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile FORCE_TORCH_CHECK
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(MAKE) --no-print-directory torch
-	@test -f $@ -a $@ -nt pyproject.toml -a $@ -nt Makefile || $(PY) -m pip install -q -e ".[deepspeed,dev]"
+	@# The dependencies must keep the torch build chosen above: one that pulls torchvision or an
+	@# unpinned torch can make pip replace a CPU build with gigabytes of CUDA libraries.
+	@before=$$($(PY) -c "import torch; print(torch.__version__)"); \
+	test -f $@ -a $@ -nt pyproject.toml -a $@ -nt Makefile || $(PY) -m pip install -q -e ".[deepspeed,dev]" || exit 1; \
+	after=$$($(PY) -c "import torch; print(torch.__version__)"); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "make install: installing sf2dist's dependencies replaced torch $$before with $$after; a dependency pins or upgrades torch. Find it with '$(PY) -m pip show torch' (Required-by), then run make install TORCH=... to put the wanted build back" >&2; \
+	  exit 1; \
+	fi
 	@touch $@
 .PHONY: FORCE_TORCH_CHECK
 
