@@ -37,6 +37,10 @@ encoded samples to the loader workers, which decode and flip them as the random-
 loader does (flips hashed from the seed, the epoch and the sample's number in the manifest's
 order, so a sample is flipped alike in both modes).
 
+A `pipe:` command runs in a shell, as webdataset's do: commands come only from data.train and
+data.manifest (the user's own config); nothing read from a manifest or a shard becomes a
+command or a URL (the manifest's shard names are only matched against the given URLs).
+
 Failures: a shard whose stream fails (connection refused or dropped, HTTP error, a command
 that exits with an error, a tar that is truncated or damaged, fewer or more samples than the
 manifest says) is opened again up to `retries` times, after 1, 2, 4, ... s (x retry_delay_s);

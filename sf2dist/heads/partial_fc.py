@@ -301,6 +301,11 @@ class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
+
+def _in_loss(index: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """The drawn classes that are in the loss (those without the lowest offset); reads the device."""
+    return index if offset is None else index[offset == 0]
+
 class PartialFCHead(ShardedHead):
     """Identity-sharded margin softmax (CosFace, ArcFace or SphereFace) with Partial FC class sampling.
 
@@ -373,7 +378,8 @@ class PartialFCHead(ShardedHead):
         self.lambda_schedule = lambda_schedule
         self.sample_rate = float(sample_rate)
         self.num_sample = max(1, int(self.sample_rate * self.num_local_classes))
-        self._last_kept: torch.Tensor | slice | None = None  # local classes the last forward kept (slice: all)
+        self._last_kept: torch.Tensor | slice | None = None  # local classes the last forward drew (slice: all)
+        self._last_offset: torch.Tensor | None = None  # and their logit offsets (None: all in the loss)
 
     def extra_repr(self) -> str:
         scale = f"s={self.s}" if self.s is not None else f"feature_scale=norm, {self.lambda_schedule}"
@@ -394,9 +400,7 @@ class PartialFCHead(ShardedHead):
         """The class columns the last forward computed (those offset out of its loss included)."""
         if self._last_kept is None:
             return None
-        if isinstance(self._last_kept, slice):
-            return self.num_local_classes
-        return (self._last_kept[0] if isinstance(self._last_kept, tuple) else self._last_kept).numel()
+        return self.num_local_classes if isinstance(self._last_kept, slice) else self._last_kept.numel()
 
     @property
     def last_sampled_classes(self) -> torch.Tensor | None:
@@ -404,16 +408,13 @@ class PartialFCHead(ShardedHead):
         Formed when asked: a step at rate 1 keeps every class without listing them."""
         if isinstance(self._last_kept, slice):
             return torch.arange(self.class_start, self.class_stop, device=self.weight.device)
-        if isinstance(self._last_kept, tuple):  # drawn, some left out of the loss: a host read, for inspection only
-            kept, offset = self._last_kept
-            return kept[offset == 0] + self.class_start
-        return None if self._last_kept is None else self._last_kept + self.class_start
+        return None if self._last_kept is None else _in_loss(self._last_kept, self._last_offset) + self.class_start
 
     def sample_classes(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Sorted local indices of the classes a step with the gathered `labels` keeps in its loss
         (None: every class); draws as `draw_classes` does, for inspection (it reads the device)."""
         index, offset = self.draw_classes(labels)
-        return index if offset is None else index[offset == 0]
+        return None if index is None else _in_loss(index, offset)
 
     def draw_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(sorted local class indices drawn, [S] logit offsets or None): every class a row of the
@@ -425,15 +426,17 @@ class PartialFCHead(ShardedHead):
         drawn in score order and those past max(num_sample, named here) are left out of the
         loss by an offset of the dtype's lowest value (their logits vanish from the softmax).
         """
-        batch = labels.numel()
+        return self._draw_classes(chunked.local_positives(labels, self.class_start, self.num_local_classes))
+
+    def _draw_classes(self, positives: chunked.Positives) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        batch = positives.columns.numel()
         if self.num_sample >= self.num_local_classes:
             return None, None
         device = self.weight.device
         generator = self.step_generator(device)
         self.sample_step += 1
         scores = torch.rand(self.num_local_classes, generator=generator, device=device)
-        present = chunked.present_rows(chunked.local_positives(labels, self.class_start, self.num_local_classes),
-                                       self.num_local_classes)
+        present = chunked.present_rows(positives, self.num_local_classes)
         scores.masked_fill_(present, 2.0)  # above any uniform draw: always kept
         if batch <= self.num_sample:
             return scores.topk(self.num_sample, sorted=False).indices.sort().values, None
@@ -447,8 +450,8 @@ class PartialFCHead(ShardedHead):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         gathered, gathered_labels, _ = self.gather_batch(embeddings, labels)
         positives = chunked.local_positives(gathered_labels, self.class_start, self.num_local_classes)
-        kept, offset = self.draw_classes(gathered_labels)  # [S_local], or None: every class
-        self._last_kept = slice(None) if kept is None else kept if offset is None else (kept, offset)
+        kept, offset = self._draw_classes(positives)  # [S_local], or None: every class
+        self._last_kept, self._last_offset = (slice(None) if kept is None else kept), offset
         if kept is not None:
             positives = chunked.among(positives, kept)  # positions among the kept
         spec = self._logits()

@@ -363,10 +363,12 @@ class SphereFace2Head(ShardedHead):
         weight 1, and S - P of the M other rows are drawn uniformly without replacement, each
         weighted M / (S - P). S is known without asking the device how many rows are present.
         """
+        return self._sample_rows(chunked.local_positives(labels, self.class_start, self.num_local_classes))
+
+    def _sample_rows(self, positives: chunked.Positives) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.weight.device
-        positives = chunked.local_positives(labels, self.class_start, self.num_local_classes)
         present = chunked.present_rows(positives, self.num_local_classes)
-        num_rows = self.rows_per_step(labels.numel())
+        num_rows = self.rows_per_step(positives.columns.numel())
         num_absent = self.num_local_classes - present.sum()
         num_drawn = num_rows - (self.num_local_classes - num_absent)
         generator = self.step_generator(device)
@@ -385,7 +387,7 @@ class SphereFace2Head(ShardedHead):
         positives = chunked.local_positives(gathered_labels, self.class_start, self.num_local_classes)
         index = class_weight = update = None
         if self.sample_rate < 1.0:
-            index, class_weight = self.sample_rows(gathered_labels)
+            index, class_weight = self._sample_rows(positives)
             positives = chunked.among(positives, index)
         self.last_sampled_rows = index
         if self.step_optimizer is not None and self.training and torch.is_grad_enabled():

@@ -730,8 +730,8 @@ class Trainer:
         # optim.freeze_backbone_steps: the backbone still runs its backward (DDP expects every parameter's
         # gradient), but its optimizer does not step, and its gradient is left out of the norm
         frozen = self.state.step < self.cfg.optim.freeze_backbone_steps
-        no_norm = torch.zeros((), dtype=torch.float64, device=self.device)
-        backbone_sq_norm = no_norm if frozen else self.engine.grad_sq_norm()
+        backbone_sq_norm = (torch.zeros((), dtype=torch.float64, device=self.device) if frozen
+                            else self.engine.grad_sq_norm())
         numbers = optim.global_grad_norm_and_loss(
             backbone_sq_norm, self.head, loss_share, flag=stop.requested(), interrupt=stop.interrupted(),
             extra=self.head.input_problems)
