@@ -166,7 +166,8 @@ class OptimConfig:
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # on every weight except the SphereFace2 bias
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr over these steps
-    schedule: str = field(default="poly", metadata=_choices("poly", "step", "constant"))  # decay after warm-up
+    # decay after warm-up: poly (1 - progress)^power, cosine (half a cosine from 1 to 0, as for ViTs), step or constant
+    schedule: str = field(default="poly", metadata=_choices("poly", "cosine", "step", "constant"))
     power: float = 2.0  # poly decay exponent
     milestones: list[int] = field(default_factory=list)  # step decay points (optimizer steps)
     gamma: float = 0.1  # step schedule: the learning rate is multiplied by it at each milestone

@@ -45,16 +45,16 @@ ARCHITECTURES = {
     "vit_h": ("vit", 1024, 48),
 }
 # The ViTs' training settings in get_model: (drop path rate, mask ratio); all 9x9 patches, 8 heads.
-VIT_TRAINING = {
-    "vit_t": (0.1, 0.1),
-    "vit_t_dp005_mask0": (0.05, 0.0),
-    "vit_s": (0.1, 0.1),
-    "vit_s_dp005_mask_0": (0.05, 0.0),
-    "vit_b": (0.1, 0.1),
-    "vit_b_dp005_mask_005": (0.05, 0.05),
-    "vit_l": (0.1, 0.1),
-    "vit_l_dp005_mask_005": (0.05, 0.05),
-    "vit_h": (0.1, 0.0),
+VIT_TRAINING = {  # drop path, mask ratio, activation checkpointing (get_model's using_checkpoint)
+    "vit_t": (0.1, 0.1, False),
+    "vit_t_dp005_mask0": (0.05, 0.0, False),
+    "vit_s": (0.1, 0.1, False),
+    "vit_s_dp005_mask_0": (0.05, 0.0, False),
+    "vit_b": (0.1, 0.1, True),
+    "vit_b_dp005_mask_005": (0.05, 0.05, True),
+    "vit_l": (0.1, 0.1, True),
+    "vit_l_dp005_mask_005": (0.05, 0.05, True),
+    "vit_h": (0.1, 0.0, True),
 }
 # Parameters at 512-d and 112x112, worked out from the descriptions above: e.g. vit_t has
 # 12 blocks x (12 w^2 + 10 w) + patch conv 243 w + w + pos 144 w + mask w + norm 2 w
@@ -247,10 +247,11 @@ def test_parameter_counts_agree_with_published_sizes():
 
 @pytest.mark.parametrize("name", [name for name in ARCHITECTURES if name.startswith("vit")])
 def test_vit_training_settings_are_get_models(name):
-    drop_path, mask_ratio = VIT_TRAINING[name]
+    drop_path, mask_ratio, recompute = VIT_TRAINING[name]
     model = on_meta(name)
     assert backbone_spec(model)["kwargs"] == {
-        "embedding_dim": 512, "input_size": 112, "drop_path": drop_path, "mask_ratio": mask_ratio
+        "embedding_dim": 512, "input_size": 112, "drop_path": drop_path, "mask_ratio": mask_ratio,
+        "activation_checkpointing": recompute,
     }
     # stochastic depth rises linearly over the blocks from 0 (no DropPath on the first) to drop_path
     rates = [getattr(block.drop_path, "p", 0.0) for block in model.blocks]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sf2dist.models.registry import check_images, check_positive_int, register_backbone
 
@@ -118,7 +119,10 @@ class VisionTransformer(nn.Module):
 
     Drop path grows linearly over the blocks from 0 to `drop_path`. `mask_token` is in the
     state_dict whatever `mask_ratio` is; with `mask_ratio` 0 it is never used and so frozen
-    (a parameter that never gets a gradient would stop DDP).
+    (a parameter that never gets a gradient would stop DDP). `activation_checkpointing`
+    (arcface_torch's `using_checkpoint`) keeps only each block's input in training and runs the
+    block again in backward: activation memory of one block instead of all, for about a third
+    more compute; the random drop-path draws are replayed, so the gradients are the same.
     """
 
     def __init__(
@@ -131,8 +135,12 @@ class VisionTransformer(nn.Module):
         mask_ratio: float,
         patch_size: int = PATCH_SIZE,
         num_heads: int = NUM_HEADS,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(f"activation_checkpointing must be true or false, got {activation_checkpointing!r}")
+        self.activation_checkpointing = activation_checkpointing
         self.input_size = check_positive_int("input_size", input_size)
         check_positive_int("embedding_dim", embedding_dim)
         if input_size < patch_size:
@@ -176,8 +184,9 @@ class VisionTransformer(nn.Module):
             positions = torch.rand(batch, tokens, device=x.device).argsort(dim=1)[:, :kept]
             positions = positions.unsqueeze(-1).expand(-1, -1, width)  # [B, kept, width]
             x = x.gather(1, positions)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = self.norm(x)
         if masking:
             # The kept tokens back at their positions, the mask token (not normalised) everywhere else.
@@ -185,8 +194,9 @@ class VisionTransformer(nn.Module):
         return self.feature(x.flatten(1))  # [B, embedding_dim]
 
 
-def _register(name: str, width: int, depth: int, drop_path: float, mask_ratio: float, note: str) -> None:
-    default_drop_path, default_mask_ratio = drop_path, mask_ratio
+def _register(name: str, width: int, depth: int, drop_path: float, mask_ratio: float, recompute: bool,
+              note: str) -> None:
+    default_drop_path, default_mask_ratio, default_recompute = drop_path, mask_ratio, recompute
 
     def build(
         *,
@@ -194,27 +204,30 @@ def _register(name: str, width: int, depth: int, drop_path: float, mask_ratio: f
         input_size: int = 112,
         drop_path: float = default_drop_path,
         mask_ratio: float = default_mask_ratio,
+        activation_checkpointing: bool = default_recompute,
     ) -> VisionTransformer:
-        return VisionTransformer(width, depth, embedding_dim, input_size, drop_path, mask_ratio)
+        return VisionTransformer(width, depth, embedding_dim, input_size, drop_path, mask_ratio,
+                                 activation_checkpointing=activation_checkpointing)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"arcface_torch {name}: width {width}, {depth} blocks of {NUM_HEADS} heads{note}."
     register_backbone(name)(build)
 
 
-# name: width, depth, drop path, mask ratio, as arcface_torch's get_model builds them (9x9 patches, 8 heads).
+# name: width, depth, drop path, mask ratio, activation checkpointing, as arcface_torch's get_model
+# builds them (9x9 patches, 8 heads; it checkpoints vit_b, vit_l and vit_h).
 VIT_VARIANTS = {
-    "vit_t": (256, 12, 0.1, 0.1, ""),
-    "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, "; WebFace42M"),
-    "vit_s": (512, 12, 0.1, 0.1, ""),
-    "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0, "; WebFace42M"),
-    "vit_b": (512, 24, 0.1, 0.1, ""),
-    "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05, "; WebFace42M"),
+    "vit_t": (256, 12, 0.1, 0.1, False, ""),
+    "vit_t_dp005_mask0": (256, 12, 0.05, 0.0, False, "; WebFace42M"),
+    "vit_s": (512, 12, 0.1, 0.1, False, ""),
+    "vit_s_dp005_mask_0": (512, 12, 0.05, 0.0, False, "; WebFace42M"),
+    "vit_b": (512, 24, 0.1, 0.1, True, ""),
+    "vit_b_dp005_mask_005": (512, 24, 0.05, 0.05, True, "; WebFace42M"),
     # arcface_torch's get_model has no plain vit_l: this is its WebFace42M vit_l's architecture
     # with the drop path and mask ratio of vit_t/s/b.
-    "vit_l": (768, 24, 0.1, 0.1, "; same weights as vit_l_dp005_mask_005"),
-    "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, "; WebFace42M"),
-    "vit_h": (1024, 48, 0.1, 0.0, "; WebFace42M"),
+    "vit_l": (768, 24, 0.1, 0.1, True, "; same weights as vit_l_dp005_mask_005"),
+    "vit_l_dp005_mask_005": (768, 24, 0.05, 0.05, True, "; WebFace42M"),
+    "vit_h": (1024, 48, 0.1, 0.0, True, "; WebFace42M"),
 }
-for _name, (_width, _depth, _drop_path, _mask_ratio, _note) in VIT_VARIANTS.items():
-    _register(_name, _width, _depth, _drop_path, _mask_ratio, _note)
+for _name, (_width, _depth, _drop_path, _mask_ratio, _recompute, _note) in VIT_VARIANTS.items():
+    _register(_name, _width, _depth, _drop_path, _mask_ratio, _recompute, _note)

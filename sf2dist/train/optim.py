@@ -41,13 +41,16 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the base learning rate at optimizer step `step` (0-based).
 
     Linear warm-up over `warmup_steps`, then `poly` ((1 - progress)^power over the remaining
-    steps), `step` (times gamma at each milestone) or `constant`.
+    steps), `cosine` ((1 + cos(pi progress)) / 2), `step` (times gamma at each milestone) or
+    `constant`; progress runs from 0 at the end of the warm-up to 1 at `total_steps`.
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "poly":
+    if cfg.schedule in ("poly", "cosine"):
         remaining = max(1, total_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / remaining)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
         return (1.0 - progress) ** cfg.power
     if cfg.schedule == "step":
         return cfg.gamma ** sum(step >= milestone for milestone in cfg.milestones)
