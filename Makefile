@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH ?= cpu
 TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH)
 
-.PHONY: install torch test demo demo-data bench-data bench-convert bench-stream bench-checkpoint scaling-bench bench-head-storage gpu-check reproduce clean
+.PHONY: install torch test demo demo-data bench-data bench-convert bench-stream bench-checkpoint scaling-bench bench-head-storage bench-models gpu-check reproduce clean
 
 install: $(VENV)/.installed
 
@@ -93,6 +93,14 @@ scaling-bench: install
 # (three 2-process CPU trainings, about 4 minutes each); writes docs/benchmarks.md.
 bench-head-storage: install demo-data
 	$(PY) launch/bench_head_storage.py --data $(DEMO_DATA) --docs docs/benchmarks.md
+
+# Every registered network: parameters, PyTorch and ONNX time per image on this CPU, the ONNX
+# export checked against PyTorch (weights over 1.5 GiB in a .onnx.data sidecar) and whether
+# insightface's model zoo takes the file; writes docs/benchmarks.md. The ViT-L and ViT-H take
+# minutes each and vit_h some 12 GB of memory; BENCH_MODELS_ARGS="--only r18,mbf" runs a subset.
+BENCH_MODELS_ARGS ?=
+bench-models: install
+	$(PY) launch/bench_models.py --out docs/benchmarks.md $(BENCH_MODELS_ARGS)
 
 # On a machine with NVIDIA GPUs (and `make install TORCH=cu126` or your own CUDA torch): the CUDA
 # tests, host syncs per step, end-to-end and head speed at 1M identities, the largest head per
