@@ -2,15 +2,19 @@
 
     python launch/reproduce.py                                  # make reproduce: the CPU profile, all three
     python launch/reproduce.py --experiment losses --seeds 0,1,2,3,4
+    python launch/reproduce.py --profile quick                  # the former CPU profile: ~45 min, under-trained
     python launch/reproduce.py --profile paper --jobs 2         # SFNet-20 on VGGFace2, 2 runs of 4 GPUs at a time
 
 For each experiment (sf2dist/reproduce/plan.py) every row's hyper-parameters are chosen on
 the validation identities with the first seed, then the chosen setting is trained with every
-seed and evaluated on the test identities. Each training is `launch/train.py` in a
+seed and evaluated on the test identities. Every training also evaluates the seen pairs
+(its own training identities) and its curves are kept, so each experiment's convergence table
+and plot show how far its runs trained. Each training is `launch/train.py` in a
 subprocess; `--out` (runs/reproduce) keeps every run and results.json, and re-running the
-same command skips what is finished. Tables and plots go to `--out`; the published run
-(`--profile cpu`, `--out runs/reproduce`: make reproduce) also rewrites its experiment's
-section of docs/results.md, and any other run writes a page only when given `--docs FILE`.
+same command skips what is finished. Tables and plots (`E.png`, `E_convergence.png`) go to
+`--out`; the published run (`--profile cpu`, `--out runs/reproduce`: make reproduce) also
+rewrites its experiment's section of docs/results.md, and any other run writes a page only
+when given `--docs FILE`.
 
 Exit status: 0 when every row has test numbers, 1 when a run failed (the others are kept;
 re-running retries it), 2 for a plan or data error.
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", choices=("losses", "ablation", "noise", "all"), default="all",
                         help="which experiment to run (default all: losses, ablation, noise in that order)")
     parser.add_argument("--profile", default="cpu",
-                        help="cpu, paper, tiny (configs/reproduce/<profile>.yaml) or a plan file (default cpu)")
+                        help="cpu, quick, paper, tiny (configs/reproduce/<profile>.yaml) or a plan file "
+                             "(default cpu)")
     parser.add_argument("--out", type=Path, default=Path("runs/reproduce"),
                         help="runs and results.json (default runs/reproduce)")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds (default: the profile's); the first "
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run and plan.openset is not None and not Path(plan.train).exists():
             num_classes = plan.openset.train_identities
         else:
-            missing = [path for path in (*plan.val, *plan.test) if not Path(path).exists()]
+            missing = [path for path in (*plan.val, *plan.seen, *plan.test) if not Path(path).exists()]
             if missing:
                 raise PlanError(f"benchmarks of {plan.path} not found: {', '.join(missing)}")
             num_classes = read_manifest(plan.train).num_classes
@@ -131,11 +136,15 @@ def main(argv: list[str] | None = None) -> int:
         results = reproduction.store.data
         summaries = report.summarize(results, experiment)
         report.plot(summaries, experiment, args.out / f"{name}.png")
+        trained = report.convergence(results, experiment)
+        report.plot_convergence(trained, experiment, args.out / f"{name}_convergence.png")
         print(report.TABLES[name](summaries, experiment))
+        print(report.convergence_table(trained, experiment))
         if docs is not None:
             report.write_docs(results, experiment, docs, command=command, machine=machine)
         print(f"{name}: {outcome.wall_seconds / 60:.1f} min, {outcome.trained} trained, {outcome.tested} tested; "
-              f"results in {args.out / 'results.json'}, plot {args.out / f'{name}.png'}", flush=True)
+              f"results in {args.out / 'results.json'}, plots {args.out / f'{name}.png'} and "
+              f"{args.out / f'{name}_convergence.png'}", flush=True)
         if outcome.failed or outcome.undecided:
             print(f"{name}: failed runs {outcome.failed}, rows without test numbers {outcome.undecided}; their logs "
                   f"are RUN_DIR/reproduce-*.log; re-running retries them", file=sys.stderr)

@@ -1,9 +1,13 @@
-"""The open-set benchmark: disjoint identity ranges, LFW-layout pair sets, IJB-style templates,
-the same bytes for a seed (whatever the number of workers), and its options."""
+"""The open-set benchmark: disjoint identity ranges, LFW-layout pair sets (the seen pairs of the
+training identities' own shard images included), IJB-style templates, the same bytes for a seed
+(whatever the number of workers), and its options."""
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +61,26 @@ def test_training_validation_and_test_identities_are_disjoint(tiny):
     assert min(int(p.stem.split("_")[1]) for p in protocol.image_paths) == TINY.pair_images
 
 
+def test_seen_pairs_show_the_training_identities_own_shard_images(tiny):
+    pairs = read_tsv(tiny / "seen_pairs.tsv")
+    identities = {i for _, a, _, b, _ in pairs for i in (a, b)}
+    assert identities <= set(TINY.ranges["train"]) and len(identities) > TINY.folds  # training identities only
+    assert all(i < TINY.train_images and j < TINY.train_images for _, _, i, _, j in pairs)
+    shard_jpegs = {}  # "IDENTITY_IMAGE" -> the bytes the training shards hold
+    for shard in sorted((tiny / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            shard_jpegs.update({m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")})
+    with open(tiny / "seen.bin", "rb") as f:
+        jpegs, issame = pickle.load(f)
+    expected = [shard_jpegs[f"{identity:08d}_{image:04d}"] for _, a, i, b, j in pairs for identity, image in
+                ((a, i), (b, j))]
+    assert jpegs == expected and issame == [same for same, *_ in pairs]  # the very bytes, in pair order
+    summary = json.loads((tiny / "openset.json").read_text())
+    assert summary["files"]["seen"] == "seen.bin" and summary["counts"]["seen_pairs"] == TINY.pairs == 12
+
+
 def test_pair_sets_have_lfw_layout_balance_and_no_repeats(tiny):
-    for name in ("val", "test"):
+    for name in ("seen", "val", "test"):
         pairs = read_tsv(tiny / f"{name}_pairs.tsv")
         assert len(pairs) == 12 and sum(same for same, *_ in pairs) == 6
         assert load_bin(tiny / f"{name}.bin").issame.tolist() == [same for same, *_ in pairs]
@@ -124,7 +146,8 @@ def test_jitter_zero_is_sf2dist_synth_and_jitter_varies_each_image_s_face():
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"pairs": 15}, "multiple of 2 x folds"),
-    ({"val_identities": 3}, "each fold needs two identities"),
+    ({"val_identities": 3}, "each fold of val.bin needs two identities"),
+    ({"train_identities": 3}, r"train_identities \(3\) must be at least 2 x folds \(4\): each fold of seen.bin"),
     ({"train_images": 1}, "at least 2"),
     ({"jitter": -0.1}, "jitter"),
     ({"size": 8}, "size"),
@@ -134,9 +157,14 @@ def test_unusable_options_are_refused(change, message):
         OpenSetSpec(**{**TINY.__dict__, **change})
 
 
-def test_too_few_images_for_the_positive_pairs_is_refused():
+def test_too_few_images_for_the_positive_pairs_is_refused(tmp_path):
     with pytest.raises(ValueError, match="positive pairs"):
         lfw_pairs(0, "val", identities=4, images_per_identity=2, pairs=40, folds=2)
+    # the seen pairs draw on the training images: refused before any image is rendered or written
+    with pytest.raises(ValueError, match="fold 0 of the seen pairs needs 10 positive pairs but its 2 identities"):
+        generate(tmp_path / "few", OpenSetSpec(**{**TINY.__dict__, "train_identities": 4, "train_images": 2,
+                                                  "val_identities": 20, "pairs": 40}))
+    assert not list((tmp_path / "few").glob("*.bin"))
 
 
 def test_command_line_help_shows_every_default(capsys):

@@ -1,6 +1,7 @@
-"""launch/reproduce.py: selection on validation only, final runs on test, results.json, tables
-(mean ± std from known per-run numbers), plots, docs sections, resume, failures; and one real
-tiny training and test evaluation through the command line."""
+"""launch/reproduce.py: selection on validation only (never on the seen pairs), final runs on test,
+results.json, tables (mean ± std from known per-run numbers), training curves and the convergence
+table, plots, docs sections, resume, failures, profiles; and one real tiny training and test
+evaluation through the command line."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import pytest
 
 from sf2dist.reproduce import PlanError, Reproduction, build_experiments, load_plan, report
 from sf2dist.reproduce.plan import run_spec
-from sf2dist.reproduce.runner import SubprocessExecutor, choose
+from sf2dist.reproduce.runner import CURVE_POINTS, SubprocessExecutor, choose, read_curve, seen_score, thin, val_score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +25,9 @@ TEST_TAR_1E4 = {("sphereface2", 0): 0.5, ("sphereface2", 1): 0.6, ("partial_fc",
 class FakeTraining:
     """Stands in for launch/train.py and sf2dist-eval: metrics are functions of the setting and seed.
 
-    Validation prefers SphereFace2 with m 0.2 and CosFace with m 0.1; the test numbers are the
-    tables above. Every call is recorded; `fail` names runs whose training fails once.
+    Validation prefers SphereFace2 with m 0.2 and CosFace with m 0.1, the seen pairs the other
+    point (so a choice that read them would differ); the test numbers are the tables above. Every
+    call is recorded; `fail` names runs whose training fails once.
     """
 
     def __init__(self, plan, fail: tuple[str, ...] = ()):
@@ -48,6 +50,9 @@ class FakeTraining:
             score = 0.6 + m if self.head_type(settings) == "sphereface2" else 0.9 - m
             fields["train"] = {"status": "finished", "seconds": 2.0}
             fields["val"] = {"val": {"accuracy": score, "accuracy_std": 0.01}}
+            fields["seen"] = {"seen": {"accuracy": 1.5 - score, "accuracy_std": 0.01}}
+            fields["curve"] = {"loss": [[1, 2.0], [2, 1.5], [3, 1.0 + seed]],
+                               "eval": {"val": [[3, score]], "seen": [[3, 1.5 - score]]}}
         if task.test:
             key = (self.head_type(settings), seed)
             fields["test"] = {
@@ -87,17 +92,118 @@ def test_hyper_parameters_are_chosen_on_validation_and_only_final_runs_see_the_t
         last_selection = max(i for i, t in enumerate(fake.calls) if t.train and t.run.id in selection)
         first_test = min(i for i, t in enumerate(fake.calls) if t.test and t.run.id in row["final_runs"])
         assert last_selection < first_test, key
-    # every training evaluates the validation set and nothing else
+    # every training evaluates the validation set and the seen pairs of its training identities, never test
+    assert plan.seen == (str(Path(plan.data_root) / "seen.bin"),)
     executor = SubprocessExecutor(plan)
     for run_id, record in repro.store.data["runs"].items():
         command = " ".join(executor.train_command(run_spec(plan, record["settings"], record["seed"]), Path("r")))
-        assert f'eval.benchmarks=["{plan.val[0]}"]' in command and not any(path in command for path in plan.test)
-        assert record["config"]["eval"]["benchmarks"] == list(plan.val)
+        assert f'eval.benchmarks=["{plan.val[0]}", "{plan.seen[0]}"]' in command
+        assert not any(path in command for path in plan.test)
+        assert record["config"]["eval"]["benchmarks"] == [*plan.val, *plan.seen]
+    # the losing candidate on validation has the better seen-pair accuracy: the choice did not read it
+    chosen, other = sorted((repro.store.run(c["run"]) for c in rows["losses/sphereface2-C"]["candidates"]),
+                           key=lambda record: record["settings"].get("head.m") != 0.2)
+    assert seen_score(other) > seen_score(chosen) and val_score(other) < val_score(chosen)
     # the choice reads validation metrics only: better test numbers for a losing candidate change nothing
     loser = next(c for c in rows["losses/sphereface2-C"]["candidates"] if c["settings"].get("head.m") != 0.2)
     repro.store.data["runs"][loser["run"]]["test"] = {"test": {"kind": "pairs", "accuracy": 1.0, "accuracy_std": 0}}
     assert repro.chosen("losses/sphereface2-C")["head.m"] == 0.2
     assert choose([0.5, None, 0.7, 0.7]) == 2 and choose([None, None]) is None
+
+
+def test_selection_reads_validation_and_never_the_seen_pairs():
+    better_seen = {"val": {"val": {"accuracy": 0.70}}, "seen": {"seen": {"accuracy": 0.99}}}
+    better_val = {"val": {"val": {"accuracy": 0.72}}, "seen": {"seen": {"accuracy": 0.80}}}
+    only_seen = {"seen": {"seen": {"accuracy": 1.0}}}  # no validation metrics: not a candidate
+    records = [better_seen, better_val, only_seen]
+    assert [val_score(r) for r in records] == [0.70, 0.72, None]
+    assert choose([val_score(r) for r in records]) == 1
+    assert seen_score(better_seen) == 0.99 and seen_score({"val": better_val["val"]}) is None
+    two_sets = {"val": {"a": {"accuracy": 0.6}, "b": {"accuracy": 0.8}}, "seen": {"s": {"accuracy": 0.1}}}
+    assert val_score(two_sets) == pytest.approx(0.7)  # the mean over the validation pair sets
+
+
+def test_curves_are_read_from_the_run_s_csv_files(tmp_path):
+    (tmp_path / "metrics.csv").write_text(
+        "step,epoch,loss,lr\n"
+        "10,0,5.0,0.1\n20,0,4.0,0.1\n30,0,nan,0.1\n"
+        "20,0,4.5,0.1\n30,0,3.0,0.1\n40,0,2.5,0.1\n")  # resumed after step 10: steps 20 and 30 again
+    (tmp_path / "eval.csv").write_text(
+        "step,benchmark,accuracy,accuracy_std,best_accuracy,eer,auc\n"
+        "20,val,0.61,0.01,,,\n20,seen,0.70,0.01,,,\n40,val,0.65,0.01,,,\n40,seen,0.90,0.02,,,\n"
+        "40,test_templates,,,,,0.9\n")  # a benchmark without pair accuracy has no curve
+    curve = read_curve(tmp_path)
+    assert curve == {"loss": [[10, 5.0], [20, 4.5], [30, 3.0], [40, 2.5]],
+                     "eval": {"seen": [[20, 0.70], [40, 0.90]], "val": [[20, 0.61], [40, 0.65]]}}
+    (tmp_path / "metrics.csv").write_text("step,loss\n10,inf\n")
+    assert read_curve(tmp_path)["loss"] == [[10, None]]  # results.json is strict JSON
+    # long runs: at most CURVE_POINTS points, evenly spaced, the first and the last kept
+    points = [[step, 1.0 / step] for step in range(1, 1201)]
+    thinned = thin(points)
+    assert len(thinned) == CURVE_POINTS == 500 and thinned[0] == [1, 1.0] and thinned[-1] == points[-1]
+    gaps = {b[0] - a[0] for a, b in zip(thinned, thinned[1:])}
+    assert gaps <= {2, 3}  # 1199 steps over 499 gaps
+    assert thin(points[:499]) == points[:499] and thin([]) == []
+
+
+def convergence_results() -> tuple[dict, object]:
+    """A results dict of two losses, two seeds each, with known curves and end-of-training accuracies."""
+    from sf2dist.reproduce.plan import Experiment, Row
+
+    experiment = Experiment("losses", "Loss comparison", (Row("sphereface2-C", "sphereface2-C"),
+                                                          Row("cosface", "cosface")))
+    loss = {  # 21 logged steps 0..200 of 10; seed 1 a constant offset
+        "sphereface2-C": lambda step: 2.0 - step / 100,  # 2.0 at 0, 1.0 at 100, 0.5 at 150, 0.0 at 200
+        "cosface": lambda step: 8.0 if step <= 150 else 4.0,
+    }
+    runs, rows = {}, {}
+    for name, curve in loss.items():
+        rows[f"losses/{name}"] = {"final_runs": [f"{name}-0", f"{name}-1"]}
+        for seed in (0, 1):
+            runs[f"{name}-{seed}"] = {
+                "seed": seed,
+                "val": {"val": {"accuracy": 0.80 + 0.02 * seed}},
+                "seen": {"seen": {"accuracy": 0.95 + 0.01 * seed}},
+                "curve": {"loss": [[step, curve(step) + seed] for step in range(0, 201, 10)],
+                          "eval": {"val": [[100, 0.7], [200, 0.80 + 0.02 * seed]],
+                                   "seen": [[100, 0.9], [200, 0.95 + 0.01 * seed]]}},
+            }
+    results = {"runs": runs, "rows": rows, "benchmarks": {"val": ["d/val.bin"], "seen": ["d/seen.bin"],
+                                                          "test": ["d/test.bin"]}}
+    return results, experiment
+
+
+def test_the_convergence_table_from_known_curves(tmp_path):
+    results, experiment = convergence_results()
+    rows = {row.key: row for row in report.convergence(results, experiment)}
+    sf2 = rows["losses/sphereface2-C"]
+    # seed 0: loss 1.0 at 50 % (step 100), 0.5 at 75 % (step 150), mean over steps >= 190 (0.1, 0.0) = 0.05;
+    # seed 1 adds 1 to each; the last quarter: (0.05 - 0.5) / 0.5 = -90 % and (1.05 - 1.5) / 1.5 = -30 %
+    assert sf2.loss[0.5].values == (1.0, 2.0) and sf2.loss[0.75].values == (0.5, 1.5)
+    assert sf2.loss[1.0].values == (pytest.approx(0.05), pytest.approx(1.05))
+    assert sf2.last_quarter.values == (pytest.approx(-0.9), pytest.approx(-0.3))
+    assert sf2.seen.values == pytest.approx((0.95, 0.96)) and sf2.val.values == pytest.approx((0.80, 0.82))
+    assert sf2.seeds == (0, 1)
+    assert sf2.val_curves == {"val": ((100, 0.7), (200, 0.8))} and sf2.seen_curves["seen"][0] == (100, 0.9)
+    table = report.convergence_table(list(rows.values()), experiment)
+    assert ("| loss | seeds | training loss at 50 % | at 75 % | at 100 % (last 5 %) | change over the last quarter % | "
+            "seen-pair accuracy % (training identities) | val accuracy % |") in table
+    assert "| sphereface2-C | 2 | 1.5 | 1 | 0.55 | -60.0 ± 42.4 | 95.50 ± 0.71 | 81.00 ± 1.41 |" in table
+    # cosface: 8 (9) up to step 150, 4 (5) after: -50 % and -44.4 % over the last quarter
+    assert "| cosface | 2 | 8.5 | 8.5 | 4.5 | -47.2 ± 3.9 | 95.50 ± 0.71 | 81.00 ± 1.41 |" in table
+    # a run without a stored curve still gives its accuracies; a row without finished runs gives dashes
+    del results["runs"]["cosface-1"]["curve"]
+    results["rows"]["losses/cosface"]["final_runs"].append("missing")
+    cosface = report.convergence(results, experiment)[1]
+    assert cosface.loss[0.5].values == (8.0,) and cosface.val.n == 2
+    results["rows"]["losses/cosface"]["final_runs"] = []
+    assert "| cosface | 0 | – | – | – | – | – | – |" in report.convergence_table(
+        report.convergence(results, experiment), experiment)
+    section = report.convergence_section(results, experiment, plot_link="c.png")
+    assert "`d/seen.bin`" in section and "![Loss comparison: training curves](c.png)" in section
+    assert "converged" not in section.lower()  # the numbers speak; the reader interprets
+    path = report.plot_convergence(report.convergence(*convergence_results()), experiment, tmp_path / "c.png")
+    assert path.stat().st_size > 10_000
 
 
 def test_results_json_and_tables_carry_mean_and_std_over_seeds(plan, tmp_path):
@@ -224,6 +330,8 @@ def test_plots_and_docs_sections(plan, tmp_path):
             report.write_docs(repro.store.data, repro.experiments[name], docs, command="make reproduce",
                               machine="test machine")
         assert (docs.parent / f"results_{name}.png").stat().st_size > 10_000
+        convergence_png = "results_convergence.png" if name == "losses" else f"results_{name}_convergence.png"
+        assert (docs.parent / convergence_png).stat().st_size > 10_000
         assert report.plot(report.summarize(repro.store.data, repro.experiments[name]), repro.experiments[name],
                            tmp_path / f"{name}.png").exists()
     text = docs.read_text()
@@ -231,6 +339,10 @@ def test_plots_and_docs_sections(plan, tmp_path):
         assert text.count(f"<!-- reproduce-{name}:begin -->") == 1
         assert f"![" in text and f"results_{name}.png" in text
     assert "Command: `make reproduce`. Machine: test machine." in text
+    assert text.count("#### How the final runs trained") == 3 and "(results_convergence.png)" in text
+    # the fake runs: seen accuracy 1.5 - validation, the chosen SphereFace2-C (m 0.2) 80 % val and 70 % seen;
+    # losses 2.0, 1.5, 1 + seed at steps 1-3: step 1 nearest 50 % (the earlier on a tie), step 2 75 %, step 3 100 %
+    assert "| sphereface2-C | 2 | 2 | 1.5 | 1.5 | 0.0 ± 47.1 | 70.00 ± 0.00 | 80.00 ± 0.00 |" in text
     assert "arXiv:2108.01513" in text and "not yet checked" not in text and "quoted" not in text
     # every table carries the paper's figure for its rows (the ablation's Table 2: margin 93.87 %, 4.22 above mining)
     assert "| 93.87 (+4.22) |" in text and "| 93.89 (-0.39) |" in text
@@ -246,6 +358,10 @@ def test_plots_and_docs_sections(plan, tmp_path):
     (lambda p: p["noise"].update({"losses": ["arcface"]}), "no grid under losses"),
     (lambda p: p["ablation"].pop("mining"), "ablation needs exactly"),
     (lambda p: p.update({"data": {"train": "t", "val": ["a.bin"], "test": ["a.bin"]}}), "both a validation and a test"),
+    (lambda p: p.update({"data": {"train": "t", "val": ["a.bin"], "test": ["b.bin"], "seen": ["b.bin"]}}),
+     "both a test and a seen .training-identity. benchmark"),
+    (lambda p: p.update({"data": {"train": "t", "val": ["a.bin"], "test": ["b.bin"], "seen": "c.bin"}}),
+     "seen must be a list"),
     (lambda p: p.update({"colour": "blue"}), "unknown keys"),
 ])
 def test_plan_errors_name_the_problem(tmp_path, edit, message):
@@ -259,6 +375,28 @@ def test_plan_errors_name_the_problem(tmp_path, edit, message):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(PlanError, match=message):
         load_plan(str(path))
+
+
+def test_profiles_quick_among_them_and_optional_seen_pairs_of_explicit_data(tmp_path):
+    import yaml
+
+    quick = load_plan("quick", data_root=str(tmp_path / "data"))
+    assert quick.name == "quick" and quick.train_config.name == "quick_train.yaml"
+    assert quick.base["run"]["max_steps"] == 500 and quick.openset.train_identities == 1000
+    assert quick.seen == (f"{tmp_path / 'data'}/seen.bin",) and quick.fingerprint()["seen"] == list(quick.seen)
+    with pytest.raises(PlanError, match=r"known profiles: .*\bquick\b"):
+        load_plan("no-such-profile")
+    raw = yaml.safe_load((ROOT / "configs" / "reproduce" / "tiny.yaml").read_text())
+    raw["train_config"] = str(ROOT / "configs" / "reproduce" / "tiny_train.yaml")
+    raw["data"] = {"train": "t", "val": ["a.bin"], "test": ["b.bin"]}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    without = load_plan(str(path))
+    assert without.seen == () and without.fingerprint()["seen"] == []
+    raw["data"]["seen"] = ["s.bin"]
+    path.write_text(yaml.safe_dump(raw))
+    assert load_plan(str(path)).seen == ("s.bin",)
+    assert load_plan(str(path)).fingerprint() != without.fingerprint()  # results of one are not the other's
 
 
 def test_a_bad_setting_fails_before_any_training(plan, tmp_path):
@@ -296,12 +434,21 @@ def test_real_tiny_training_and_test_evaluation_through_the_command_line(tmp_pat
     run_dir = Path(record["run_dir"])
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert set(record["val"]) == {"val"} and 0.0 <= record["val"]["val"]["accuracy"] <= 1.0
+    assert set(record["seen"]) == {"seen"} and 0.0 <= record["seen"]["seen"]["accuracy"] <= 1.0
+    # the curve: the loss of every logged step (3), both pair sets at the evaluation of step 2 (eval_every) and the end
+    assert [step for step, _ in record["curve"]["loss"]] == [1, 2, 3]
+    assert {name: [step for step, _ in points] for name, points in record["curve"]["eval"].items()} == {
+        "seen": [2, 3], "val": [2, 3]}
+    assert record["curve"]["eval"]["seen"][-1][1] == record["seen"]["seen"]["accuracy"]
     assert set(record["test"]) == {"test", "test_templates"}
     assert record["test"]["test_templates"]["num_templates"] == 8
     trained_config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert trained_config["eval"]["benchmarks"] == [str(tmp_path / "data" / "val.bin")]  # never the test set
+    assert trained_config["eval"]["benchmarks"] == [str(tmp_path / "data" / "val.bin"),
+                                                    str(tmp_path / "data" / "seen.bin")]  # never the test set
     docs = (tmp_path / "results.md").read_text()
     assert "<!-- reproduce-setup:begin -->" in docs and "<!-- reproduce-losses:begin -->" in docs
+    assert "| sphereface2-C | 1 |" in docs.split("#### How the final runs trained")[1]
+    assert (tmp_path / "results_convergence.png").exists() and (tmp_path / "out" / "losses_convergence.png").exists()
 
     # rerun, and the noise experiment at ratio 0: the same training, nothing to run
     assert cli.main([*args, "--experiment", "noise"]) == 0

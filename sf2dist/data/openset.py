@@ -5,7 +5,9 @@
 an identity):
 
 - training identities 0..K-1: `OUT/train/`, a shard directory (labels 0..K-1), written with
-  the same shard writers as sf2dist-synth;
+  the same shard writers as sf2dist-synth, and `OUT/seen.bin`, verification pairs of these
+  identities' training images (the very JPEGs of the shards): how well a model separates the
+  identities it was trained on, the training-identity accuracy;
 - validation identities K..K+V-1: `OUT/val.bin`, verification pairs for choosing
   hyper-parameters;
 - test identities K+V..K+V+T-1: `OUT/test.bin`, pairs in the same layout, and
@@ -17,8 +19,10 @@ Pair sets are InsightFace-style `.bin` files (pickled (list of JPEG bytes, list 
 pair i is images 2i and 2i+1), laid out as LFW's: `folds` folds in order, each
 `pairs / (2 folds)` positive pairs followed by as many negative ones, and the identities of
 one fold never appear in another, so the 10-fold protocol's thresholds are chosen on other
-people. No pair repeats. `OUT/val_pairs.tsv` and `OUT/test_pairs.tsv` say which identities
-and images each pair shows.
+people. No pair repeats. `OUT/seen_pairs.tsv`, `OUT/val_pairs.tsv` and `OUT/test_pairs.tsv`
+say which identities and images each pair shows. The three pair sets have the same size and
+folds; the pairs of `seen.bin` are drawn among each training identity's `train_images`
+images.
 
 Templates: every test identity has `templates_per_subject` templates of
 `images_per_template` images, each image its own medium (stills); the pair list holds every
@@ -35,7 +39,7 @@ an identity's images are exactly sf2dist-synth's.
 Everything derives from `numpy.random.SeedSequence` keyed by the seed, a stream number and
 the identity (or the pair set), so the output is the same bytes for a seed whatever
 `workers` is. `OUT/openset.json`
-records the identity ranges and counts; `OUT/train/manifest.json` is written last and
+records the identity ranges, files and counts; `OUT/train/manifest.json` is written last and
 marks the directory as finished (as with sf2dist-synth).
 """
 from __future__ import annotations
@@ -49,6 +53,7 @@ import pickle
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -65,20 +70,21 @@ from sf2dist.data.shards import (
 )
 from sf2dist.imageio import encode_jpeg
 
-OPENSET_VERSION = 1
+OPENSET_VERSION = 2  # 2: seen.bin, pairs of the training identities
 SUMMARY_NAME = "openset.json"
 FINISHED_NAME = "train/manifest.json"  # written last: its presence marks a finished benchmark
 TEMPLATE_PREFIX = "openset"  # meta/openset_face_tid_mid.txt, meta/openset_template_pair_label.txt
 # SeedSequence streams of this module (sf2dist-synth uses 0..2 with the same seed)
 _JITTER, _JITTER_IMAGES, _PAIRS = 100, 101, 102
-_PAIR_SETS = {"val": 0, "test": 1}
+_PAIR_SETS = {"val": 0, "test": 1, "seen": 2}
 
 
 @dataclass(frozen=True)
 class OpenSetSpec:
     """Sizes, difficulty and seed of an open-set benchmark (module doc)."""
 
-    # the defaults are the CPU profile of `make reproduce` (configs/reproduce/cpu.yaml), calibrated in docs/data.md
+    # the defaults are the quick profile of `make reproduce` (configs/reproduce/quick.yaml, the former CPU
+    # profile), calibrated in docs/data.md
     train_identities: int = 1000
     train_images: int = 12  # per training identity
     val_identities: int = 500
@@ -112,10 +118,11 @@ class OpenSetSpec:
         if self.pairs < 2 * self.folds or self.pairs % (2 * self.folds):
             raise ValueError(f"pairs ({self.pairs}) must be a positive multiple of 2 x folds ({2 * self.folds}): "
                              f"every fold holds as many positive as negative pairs")
-        for name in ("val_identities", "test_identities"):
+        for name, pair_set in (("train_identities", "seen.bin"), ("val_identities", "val.bin"),
+                               ("test_identities", "test.bin")):
             if getattr(self, name) < 2 * self.folds:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 2 x folds ({2 * self.folds}): "
-                                 f"each fold needs two identities of its own for its negative pairs")
+                                 f"each fold of {pair_set} needs two identities of its own for its negative pairs")
         if self.test_identities * self.templates_per_subject < 2:
             raise ValueError("the template set needs at least two templates")
 
@@ -260,9 +267,9 @@ def template_set(spec: OpenSetSpec) -> TemplateSet:
 # -- writing ------------------------------------------------------------------------------
 def _owned_files() -> tuple[str, ...]:
     return (tuple(f"train/{pattern}" for pattern in SHARD_DIR_FILES)
-            + tuple(f"{name}{suffix}" for name in ("val.bin", "test.bin") for suffix in ("", ".tmp"))
-            + ("val_pairs.tsv", "test_pairs.tsv", "test_templates/loose_crop/*.jpg", "test_templates/meta/*",
-               SUMMARY_NAME, SUMMARY_NAME + ".tmp"))
+            + tuple(f"{name}{suffix}" for name in ("seen.bin", "val.bin", "test.bin") for suffix in ("", ".tmp"))
+            + ("seen_pairs.tsv", "val_pairs.tsv", "test_pairs.tsv", "test_templates/loose_crop/*.jpg",
+               "test_templates/meta/*", SUMMARY_NAME, SUMMARY_NAME + ".tmp"))
 
 
 def is_generated(out_dir: str | os.PathLike, spec: OpenSetSpec) -> bool:
@@ -274,7 +281,9 @@ def is_generated(out_dir: str | os.PathLike, spec: OpenSetSpec) -> bool:
     return isinstance(manifest, dict) and manifest.get("source") == spec.source()
 
 
-def _write_pair_set(out: Path, name: str, chosen: list, jpegs_of: dict[int, list[bytes]]) -> None:
+def _write_pair_set(out: Path, name: str, chosen: list, jpegs_of: Mapping[int, Sequence[bytes] | Mapping[int, bytes]]
+                    ) -> None:
+    """`name`.bin and `name`_pairs.tsv; `jpegs_of[identity][image]` is each image's JPEG."""
     with open(out / f"{name}_pairs.tsv", "w") as f:
         f.write("issame\tidentity0\timage0\tidentity1\timage1\n")
         for same, a, i, b, j in chosen:
@@ -310,6 +319,8 @@ def generate(out_dir: str | os.PathLike, spec: OpenSetSpec, *, workers: int = 0,
     out = claim_output_dir(out_dir, spec.source(), overwrite=overwrite, image_size=(spec.size, spec.size),
                            shard_size=spec.shard_size, owned=_owned_files(), manifest=FINISHED_NAME)
     ranges = spec.ranges
+    # every pair set is drawn before any image is rendered, so an impossible one fails at once
+    seen_pairs = lfw_pairs(spec.seed, "seen", len(ranges["train"]), spec.train_images, spec.pairs, spec.folds)
     val_pairs = lfw_pairs(spec.seed, "val", len(ranges["val"]), spec.pair_images, spec.pairs, spec.folds)
     test_pairs = lfw_pairs(spec.seed, "test", len(ranges["test"]), spec.pair_images, spec.pairs, spec.folds)
     templates = template_set(spec)
@@ -329,8 +340,10 @@ def generate(out_dir: str | os.PathLike, spec: OpenSetSpec, *, workers: int = 0,
     summary = {
         "source": spec.source(),
         "identities": {name: [r.start, r.stop] for name, r in ranges.items()},
-        "files": {"train": "train", "val": "val.bin", "test": "test.bin", "test_templates": "test_templates"},
-        "counts": {"train_images": written, "val_pairs": len(val_pairs), "test_pairs": len(test_pairs),
+        "files": {"train": "train", "seen": "seen.bin", "val": "val.bin", "test": "test.bin",
+                  "test_templates": "test_templates"},
+        "counts": {"train_images": written, "seen_pairs": len(seen_pairs), "val_pairs": len(val_pairs),
+                   "test_pairs": len(test_pairs),
                    "templates": spec.test_identities * spec.templates_per_subject,
                    "template_images": len(templates.template_ids), "genuine_template_pairs": genuine,
                    "impostor_template_pairs": impostor},
@@ -342,11 +355,20 @@ def generate(out_dir: str | os.PathLike, spec: OpenSetSpec, *, workers: int = 0,
 
     (out / "train").mkdir(exist_ok=True)
     writer = ShardSetWriter(out / "train", spec.shard_size)
+    # the seen pairs show the very JPEGs of the shards: kept as they are written, not rendered twice
+    shown: dict[int, set[int]] = {}  # identity -> its images in the seen pairs (training identities start at 0)
+    for _, a, i, b, j in seen_pairs:
+        shown.setdefault(a, set()).add(i)
+        shown.setdefault(b, set()).add(j)
+    seen_images: dict[int, dict[int, bytes]] = {}
     for identity, jpegs in _render(spec, ranges["train"], spec.train_images, workers, "training identities", progress):
         for n, jpeg in enumerate(jpegs):
             writer.write(f"{identity:08d}_{n:04d}", jpeg, identity)
+        seen_images[identity] = {n: jpegs[n] for n in shown.get(identity, ())}
+    shards = writer.close()
+    _write_pair_set(out, "seen", seen_pairs, seen_images)
     write_manifest(out / "train", num_classes=spec.train_identities, image_size=(spec.size, spec.size),
-                   shards=writer.close(), source=spec.source(),
+                   shards=shards, source=spec.source(),
                    counts={"records_read": written, "written": written, "rejected": 0, "reencoded": 0})
     return out
 
@@ -402,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     genuine, impostor = spec.template_pair_counts
     print(f"wrote {out}: {spec.train_identities} training identities x {spec.train_images} images, "
-          f"{spec.pairs} validation and {spec.pairs} test pairs, "
+          f"{spec.pairs} pairs each of training (seen), validation and test identities, "
           f"{spec.test_identities * spec.templates_per_subject} test templates ({genuine} genuine and {impostor} "
           f"impostor comparisons)")
     return 0

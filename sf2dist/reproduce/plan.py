@@ -4,6 +4,10 @@ A *plan* (`configs/reproduce/<profile>.yaml`) names the trainer config every run
 from (`train_config`, an ordinary `launch/train.py` config), the data (an open-set benchmark
 that `sf2dist.data.openset` generates when missing, or explicit paths), the seeds, how runs
 are launched (ranks per run, threads, parallel jobs, GPUs) and the hyper-parameter grids.
+Besides the validation and test benchmarks, the data may name *seen* pair sets: pairs of the
+training identities' own training images (the open-set benchmark's `seen.bin`), which every
+training evaluates beside validation to show how well it fits the identities it trains on;
+they never choose anything.
 
 An *experiment* is a list of rows. A row is a set of config overrides (`section.key: value`),
 a grid of points to choose from on the validation benchmarks, and optionally the row whose
@@ -94,6 +98,7 @@ class Plan:
     train: str  # shard directory
     val: tuple[str, ...]  # benchmarks hyper-parameters are chosen on
     test: tuple[str, ...]  # benchmarks the tables report
+    seen: tuple[str, ...]  # pairs of training identities: evaluated with val, never used to choose (module doc)
     openset: OpenSetSpec | None  # generated into data_root when missing
     data_root: str | None
     seeds: tuple[int, ...]
@@ -113,7 +118,7 @@ class Plan:
         """What every stored run depends on: a results file made under another fingerprint is refused."""
         base = {k: v for k, v in self.base.items() if k not in ("run", "logging")}
         return {"train_config": base, "train": self.train, "val": list(self.val), "test": list(self.test),
-                "openset": None if self.openset is None else self.openset.source()}
+                "seen": list(self.seen), "openset": None if self.openset is None else self.openset.source()}
 
 
 # -- plan files ---------------------------------------------------------------------------
@@ -143,7 +148,7 @@ def _require(mapping: Mapping, key: str, kind: type, where: str) -> Any:
 
 
 def profile_path(profile: str) -> Path:
-    """The plan file of a profile name (`cpu`, `paper`, `tiny`) or a path to a plan file."""
+    """The plan file of a profile name (`cpu`, `quick`, `paper`, `tiny`: any plan in PROFILES_DIR) or a path to one."""
     candidate = Path(profile)
     if candidate.suffix in (".yaml", ".yml"):
         return candidate
@@ -187,6 +192,7 @@ def load_plan(profile: str, *, data_root: str | None = None, seeds: tuple[int, .
         except (TypeError, ValueError) as err:
             raise PlanError(f"{where}: data.openset: {err}") from None
         train, val, test = f"{root}/train", (f"{root}/val.bin",), (f"{root}/test.bin", f"{root}/test_templates")
+        seen = (f"{root}/seen.bin",)
     else:
         if data_root is not None:
             raise PlanError(f"--data applies to plans that generate their data (data.openset); {where} names its "
@@ -195,11 +201,17 @@ def load_plan(profile: str, *, data_root: str | None = None, seeds: tuple[int, .
         train = _require(data, "train", str, f"{where}: data")
         val = tuple(_require(data, "val", list, f"{where}: data"))
         test = tuple(_require(data, "test", list, f"{where}: data"))
+        if not isinstance(data.get("seen") or [], list):
+            raise PlanError(f"{where}: data: seen must be a list of pair sets, got {data['seen']!r}")
+        seen = tuple(data.get("seen") or ())  # optional: pairs of training identities, where the data has any
     if not val or not test:
         raise PlanError(f"{where}: data needs at least one validation and one test benchmark")
-    overlap = {Path(p).resolve() for p in val} & {Path(p).resolve() for p in test}
-    if overlap:
-        raise PlanError(f"{where}: {sorted(map(str, overlap))} is both a validation and a test benchmark")
+    roles = (("a validation", val), ("a test", test), ("a seen (training-identity)", seen))
+    for index, (first, paths) in enumerate(roles):
+        for second, others in roles[index + 1:]:
+            overlap = {Path(p).resolve() for p in paths} & {Path(p).resolve() for p in others}
+            if overlap:
+                raise PlanError(f"{where}: {sorted(map(str, overlap))} is both {first} and {second} benchmark")
 
     plan_seeds = tuple(seeds) if seeds else tuple(_require(raw, "seeds", list, where))
     if not plan_seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in plan_seeds) \
@@ -229,7 +241,7 @@ def load_plan(profile: str, *, data_root: str | None = None, seeds: tuple[int, .
 
     plan = Plan(
         name=path.stem, path=path, train_config=train_config, train=train, val=tuple(map(str, val)),
-        test=tuple(map(str, test)), openset=openset, data_root=root, seeds=plan_seeds,
+        test=tuple(map(str, test)), seen=tuple(map(str, seen)), openset=openset, data_root=root, seeds=plan_seeds,
         nproc=nproc or _require(raw, "nproc", int, where), threads=_require(raw, "threads", int, where),
         jobs=jobs or _require(raw, "jobs", int, where), devices=tuple(str(d) for d in raw.get("devices", []) or []),
         eval_device=str(evaluation.get("device", "cpu")), eval_batch_size=int(evaluation.get("batch_size", 256)),

@@ -15,6 +15,15 @@ seeds both rows have and its 90 % confidence interval, mean ± t(0.95, n-1) · s
 (Student's t, n the seeds in common); a difference is called only when that interval excludes
 0, and "agrees" compares its sign with the paper's (its figures where it has them, else its
 text). With fewer than two common seeds nothing is called ("n/a").
+
+Convergence (`convergence`): how each row's final runs trained, from the curves and the
+end-of-training metrics the runner stores. The training loss at 50 % and 75 % of a run is the
+logged loss nearest that step (of the last logged step), at 100 % the mean of the losses
+logged in the last 5 % of the steps; the change over the last quarter is (loss at 100 % −
+loss at 75 %) / loss at 75 %; each is taken per run, then averaged over seeds. Beside them,
+the accuracy on the seen pairs (the training identities' own training images) and on
+validation at the last step, mean ± std over seeds. The code states the numbers; whether they
+say "converged" is for the reader.
 """
 from __future__ import annotations
 
@@ -27,10 +36,12 @@ from pathlib import Path
 from typing import Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from sf2dist.eval.metrics import pair_metrics
 from sf2dist.reproduce import paper
 from sf2dist.reproduce.plan import LOSSES, Experiment, Plan
+from sf2dist.reproduce.runner import seen_score, val_score
 
 FARS = ("1e-03", "1e-04", "1e-05")
 # the folds of sf2dist-eval's pair accuracy: it calls `pair_metrics` with its default
@@ -355,13 +366,175 @@ def plot(summaries: list[RowSummary], experiment: Experiment, path: str | os.Pat
     return path
 
 
+# -- convergence --------------------------------------------------------------------------
+LOSS_AT = (0.5, 0.75)  # fractions of a run at which the table reads the logged loss
+FINAL_SPAN = 0.05  # the loss at 100 %: the mean over this last fraction of the steps
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How a row's final runs trained (module doc), over the seeds whose training finished."""
+
+    key: str  # "experiment/row"
+    label: str
+    seeds: tuple[int, ...]
+    loss: dict[float, Stat]  # 0.5, 0.75, 1.0 -> the training loss there, over seeds
+    last_quarter: Stat  # relative change of the loss from 75 % to 100 %
+    seen: Stat  # seen-pair accuracy at the end
+    val: Stat  # validation accuracy at the end
+    loss_curve: tuple[tuple[int, float], ...] = ()  # of the first seed's run
+    val_curves: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)  # name -> (step, accuracy)
+    seen_curves: dict[str, tuple[tuple[int, float], ...]] = field(default_factory=dict)
+
+
+def _logged(points: list) -> list[tuple[int, float]]:
+    """The [step, value] points of a stored curve that have a value."""
+    return [(int(step), float(value)) for step, value in points if value is not None]
+
+
+def loss_at(points: list[tuple[int, float]], fraction: float) -> float | None:
+    """The logged loss nearest `fraction` of the last logged step (the earlier one on ties)."""
+    if not points:
+        return None
+    target = fraction * points[-1][0]
+    return min(points, key=lambda point: abs(point[0] - target))[1]
+
+
+def final_loss(points: list[tuple[int, float]], span: float = FINAL_SPAN) -> float | None:
+    """The mean of the losses logged in the last `span` of the steps (at least the last one)."""
+    if not points:
+        return None
+    start = (1.0 - span) * points[-1][0]
+    return statistics.fmean(value for step, value in points if step >= start)
+
+
+def convergence(results: dict, experiment: Experiment) -> list[Convergence]:
+    """Every row's convergence numbers over its final runs (module doc), from results.json's content."""
+    rows = []
+    for row in experiment.rows:
+        key = f"{experiment.name}/{row.name}"
+        seeds, seen, val, last_quarter = [], [], [], []
+        loss: dict[float, list[float]] = {fraction: [] for fraction in (*LOSS_AT, 1.0)}
+        first: dict = {}
+        for run_id in results["rows"].get(key, {}).get("final_runs", []):
+            record = results["runs"].get(run_id) or {}
+            if val_score(record) is None:  # not trained to the end
+                continue
+            first = first or record
+            seeds.append(record["seed"])
+            val.append(val_score(record))
+            if seen_score(record) is not None:
+                seen.append(seen_score(record))
+            points = _logged((record.get("curve") or {}).get("loss", []))
+            if not points:
+                continue
+            values = {fraction: loss_at(points, fraction) for fraction in LOSS_AT} | {1.0: final_loss(points)}
+            for fraction, value in values.items():
+                loss[fraction].append(value)
+            if values[0.75]:
+                last_quarter.append((values[1.0] - values[0.75]) / abs(values[0.75]))
+        evaluations = (first.get("curve") or {}).get("eval", {})
+        rows.append(Convergence(
+            key=key, label=row.label, seeds=tuple(seeds), loss={f: Stat(tuple(v)) for f, v in loss.items()},
+            last_quarter=Stat(tuple(last_quarter)), seen=Stat(tuple(seen)), val=Stat(tuple(val)),
+            loss_curve=tuple(_logged((first.get("curve") or {}).get("loss", []))),
+            val_curves={name: tuple(_logged(points)) for name, points in evaluations.items()
+                        if name in (first.get("val") or {})},
+            seen_curves={name: tuple(_logged(points)) for name, points in evaluations.items()
+                         if name in (first.get("seen") or {})},
+        ))
+    return rows
+
+
+def _loss_text(stat: Stat) -> str:
+    return "–" if stat.mean is None else f"{stat.mean:.4g}"
+
+
+def convergence_table(rows: list[Convergence], experiment: Experiment) -> str:
+    header = ["loss" if experiment.name == "losses" else "row", "seeds", "training loss at 50 %", "at 75 %",
+              f"at 100 % (last {100 * FINAL_SPAN:g} %)", "change over the last quarter %",
+              "seen-pair accuracy % (training identities)", "val accuracy %"]
+    lines = [[row.label, str(len(row.seeds)), *[_loss_text(row.loss[f]) for f in (*LOSS_AT, 1.0)],
+              percent(row.last_quarter, 1), percent(row.seen), percent(row.val)] for row in rows]
+    return _table(header, lines)
+
+
+CONVERGENCE_NOTE = (
+    "Training loss: each final run's logged loss nearest 50 % and 75 % of its steps and its mean over the last "
+    f"{100 * FINAL_SPAN:g} % of the steps, averaged over seeds (heads differ in scale: read a row across, not rows "
+    "against each other); change over the last quarter: (loss at 100 % − loss at 75 %) / loss at 75 %; seen-pair "
+    "accuracy: pairs of the training identities' own training images, val: the validation identities, both at the "
+    "last step; mean ± std over seeds.")
+
+
+def plot_convergence(rows: list[Convergence], experiment: Experiment, path: str | os.PathLike) -> Path:
+    """Training loss against step (left) and seen and validation accuracy against step (right), per row,
+    of the first seed's run; a run evaluated only at its end gives one marker per benchmark."""
+    figure = Figure(figsize=(11.0, 4.4), layout="constrained")
+    loss_axes, accuracy_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for index, row in enumerate(rows):
+        colour = f"C{index % 10}"
+        if row.loss_curve:
+            steps, values = zip(*row.loss_curve)
+            loss_axes.plot(steps, values, color=colour, label=row.label)
+        for curves, style in ((row.val_curves, "-"), (row.seen_curves, "--")):
+            for points in curves.values():
+                if points:
+                    steps, values = zip(*points)
+                    accuracy_axes.plot(steps, [100 * v for v in values], style, marker="o", markersize=3,
+                                       color=colour)
+    if all(value > 0 for row in rows for _, value in row.loss_curve) and any(row.loss_curve for row in rows):
+        loss_axes.set_yscale("log")
+    loss_axes.set(xlabel="step", ylabel="training loss (logged)", title="training loss")
+    accuracy_axes.set(xlabel="step", ylabel="accuracy %", title="pair accuracy during training")
+    for axes in (loss_axes, accuracy_axes):
+        axes.grid(True, alpha=0.3)
+    if any(row.loss_curve for row in rows):
+        loss_axes.legend(fontsize="small")
+    accuracy_axes.legend(handles=[Line2D([], [], color="gray", linestyle="--", marker="o", markersize=3,
+                                         label="seen pairs (training identities)"),
+                                  Line2D([], [], color="gray", linestyle="-", marker="o", markersize=3,
+                                         label="validation identities")], fontsize="small")
+    seeds = sorted({seed for row in rows for seed in row.seeds})
+    figure.suptitle(f"{experiment.title}: how the final runs trained (seed {seeds[0] if seeds else '–'})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def convergence_section(results: dict, experiment: Experiment, *, plot_link: str) -> str:
+    """The convergence part of an experiment's section: the table, what its columns mean, the plot."""
+    seen = (results.get("benchmarks") or {}).get("seen") or []
+    return "\n".join([
+        "#### How the final runs trained",
+        "",
+        f"Seen pairs: {', '.join(f'`{p}`' for p in seen) or 'none in this plan'}; they are evaluated with validation "
+        f"during training and never choose anything.",
+        "",
+        convergence_table(convergence(results, experiment), experiment),
+        "",
+        CONVERGENCE_NOTE,
+        "",
+        f"![{experiment.title}: training curves]({plot_link})",
+    ])
+
+
+def convergence_image(docs: Path, experiment: Experiment) -> str:
+    """The file name of an experiment's convergence plot beside docs (the losses': results_convergence.png)."""
+    return f"{docs.stem}_convergence.png" if experiment.name == "losses" else \
+        f"{docs.stem}_{experiment.name}_convergence.png"
+
+
 # -- docs/results.md ----------------------------------------------------------------------
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def section(results: dict, experiment: Experiment, *, plot_link: str, command: str, machine: str) -> str:
-    """The markdown of one experiment's section (module doc for the numbers)."""
+def section(results: dict, experiment: Experiment, *, plot_link: str, command: str, machine: str,
+            convergence_link: str | None = None) -> str:
+    """The markdown of one experiment's section (module doc for the numbers); with `convergence_link`
+    (its convergence plot) also how the final runs trained."""
     summaries = summarize(results, experiment)
     invocations = results["experiments"].get(experiment.name, {}).get("invocations", [])
     compute = 0.0
@@ -399,6 +572,8 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
         "",
         f"Paper ({paper.SOURCE}): {paper.CLAIMS[experiment.name]}",
     ]
+    if convergence_link is not None:
+        lines += ["", convergence_section(results, experiment, plot_link=convergence_link)]
     return "\n".join(lines)
 
 
@@ -421,14 +596,17 @@ def setup_section(plan: Plan, *, command: str, machine: str) -> str:
         genuine, impostor = spec.template_pair_counts
         lines.append(
             f"Data: the synthetic open-set benchmark of `sf2dist.data.openset` in `{plan.data_root}` "
-            f"(seed {spec.seed}, {spec.size}x{spec.size} images, jitter {spec.jitter:g}): {spec.train_identities:,} training identities x "
-            f"{spec.train_images} images; {spec.val_identities:,} validation and {spec.test_identities:,} test "
-            f"identities, disjoint, each set {spec.pairs:,} pairs in LFW's layout ({spec.folds} folds); "
+            f"(seed {spec.seed}, {spec.size}x{spec.size} images, jitter {spec.jitter:g}): "
+            f"{spec.train_identities:,} training identities x {spec.train_images} images (and {spec.pairs:,} seen "
+            f"pairs of these very images, the training-identity accuracy); {spec.val_identities:,} validation and "
+            f"{spec.test_identities:,} test identities, disjoint, each set {spec.pairs:,} pairs in LFW's layout "
+            f"({spec.folds} folds); "
             f"{spec.test_identities * spec.templates_per_subject:,} test templates of {spec.images_per_template} "
             f"images ({genuine:,} genuine and {impostor:,} impostor comparisons).")
     else:
         lines.append(f"Data: training `{plan.train}`; validation {', '.join(f'`{p}`' for p in plan.val)}; test "
-                     f"{', '.join(f'`{p}`' for p in plan.test)}.")
+                     f"{', '.join(f'`{p}`' for p in plan.test)}; seen pairs (training identities) "
+                     f"{', '.join(f'`{p}`' for p in plan.seen) or 'none'}.")
     lines += ["", f"Seeds {', '.join(map(str, plan.seeds))} (the first chooses the hyper-parameters, on validation "
                   f"only); each run {plan.nproc} rank(s) x {plan.threads} thread(s), {plan.jobs} run(s) at a time"
                   + (f" on devices {', '.join(plan.devices)}" if plan.devices else "")
@@ -453,12 +631,14 @@ def write_setup(plan: Plan, docs: str | os.PathLike, *, command: str, machine: s
 
 
 def write_docs(results: dict, experiment: Experiment, docs: str | os.PathLike, *, command: str, machine: str) -> Path:
-    """Plot into docs' folder and (re)write the experiment's section of the docs file."""
+    """Plot (results and convergence) into docs' folder and (re)write the experiment's section of the docs file."""
     from sf2dist.report import write_section
 
     docs = _docs_file(docs)
-    image = f"{docs.stem}_{experiment.name}.png"
+    image, curves = f"{docs.stem}_{experiment.name}.png", convergence_image(docs, experiment)
     plot(summarize(results, experiment), experiment, docs.parent / image)
+    plot_convergence(convergence(results, experiment), experiment, docs.parent / curves)
     write_section(docs, f"reproduce-{experiment.name}",
-                  section(results, experiment, plot_link=image, command=command, machine=machine))
+                  section(results, experiment, plot_link=image, command=command, machine=machine,
+                          convergence_link=curves))
     return docs

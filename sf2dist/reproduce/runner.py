@@ -4,9 +4,10 @@ For each row of an experiment (`sf2dist.reproduce.plan`) the runner
 
 1. resolves the row's candidate settings (which waits for the row it builds on);
 2. with more than one candidate, trains each with the first seed, the trainer evaluating the
-   *validation* benchmarks only (`eval.benchmarks` is set to them), and chooses the candidate
-   with the highest validation accuracy (mean over the validation pair sets; the first on
-   ties). `choose` sees validation metrics and nothing else;
+   *validation* benchmarks and the *seen* pairs of training identities (`eval.benchmarks` is
+   set to them), and chooses the candidate with the highest validation accuracy (mean over
+   the validation pair sets; the first on ties). `choose` sees validation metrics and nothing
+   else: the seen pairs only show how well a run fits its training identities;
 3. trains the chosen setting with every seed (the first seed's run is the selection's run,
    not trained again) and only then evaluates each of these runs on the *test* benchmarks,
    with `sf2dist-eval` into `RUN_DIR/eval/test/`.
@@ -16,7 +17,9 @@ only once it is a row's final run, after its row's choice is made.
 
 Every training is a subprocess, `launch/train.py` (`torchrun --standalone` when the plan has
 more than one rank per run), `jobs` at a time. `results.json` in the output directory holds
-every run's settings, seed, command, status, times and metrics, rewritten after each run;
+every run's settings, seed, command, status, times and metrics (validation and seen at the
+last step, and the run's `curve`: its logged training loss and every evaluation's accuracy
+by step, `read_curve`), rewritten after each run;
 re-running skips every run whose `status.json` says finished and whose metrics are stored,
 and a training that was interrupted resumes from its newest checkpoint (the trainer's own
 resume). Results made under another plan fingerprint (trainer config, data) are refused.
@@ -27,6 +30,7 @@ import concurrent.futures
 import csv
 import datetime
 import json
+import math
 import os
 import queue
 import subprocess
@@ -39,10 +43,12 @@ from typing import Any, Callable
 
 from sf2dist.config import config_to_dict, load_config
 from sf2dist.reproduce.plan import Experiment, Plan, Row, RunSpec, check_settings, run_spec, set_arguments
+from sf2dist.train.metrics import read_csv
 
 RESULTS_FORMAT = "sf2dist-reproduce/1"
 ROOT = Path(__file__).resolve().parents[2]
 TEST_EVAL_DIR = "eval/test"
+CURVE_POINTS = 500  # at most this many training-loss points of a run are kept in results.json
 _EVAL_MAIN = "import sys; from sf2dist.eval.cli import main; main(sys.argv[1:])"
 
 
@@ -80,7 +86,7 @@ class ResultStore:
         else:
             self.data = {"format": RESULTS_FORMAT, "profile": plan.name, "plan": str(plan.path),
                          "train_config": str(plan.train_config), "fingerprint": fingerprint,
-                         "benchmarks": {"val": list(plan.val), "test": list(plan.test)},
+                         "benchmarks": {"val": list(plan.val), "seen": list(plan.seen), "test": list(plan.test)},
                          "runs": {}, "rows": {}, "experiments": {}}
 
     def run(self, run_id: str) -> dict | None:
@@ -91,8 +97,10 @@ class ResultStore:
         with self._lock:
             record = self.data["runs"].setdefault(run.id, {"settings": run.settings, "seed": run.seed,
                                                             "config": config})
-            if "train" in fields and "test" not in fields:
-                record.pop("test", None)  # test numbers of an earlier training of this run are stale
+            if "train" in fields:  # what an earlier training of this run measured is stale
+                for stale in ("test", "seen", "curve"):
+                    if stale not in fields:
+                        record.pop(stale, None)
             record.update(fields)  # a step's fields replace that step's earlier attempt
             self._save()
 
@@ -125,9 +133,18 @@ def tested(record: dict | None) -> bool:
 
 def val_score(record: dict | None) -> float | None:
     """The selection metric: mean 10-fold accuracy over the validation pair sets."""
-    if not record or not record.get("val"):
+    return _mean_accuracy(record, "val")
+
+
+def seen_score(record: dict | None) -> float | None:
+    """The training-identity accuracy: mean accuracy over the seen pair sets; reported, never used to choose."""
+    return _mean_accuracy(record, "seen")
+
+
+def _mean_accuracy(record: dict | None, benchmarks: str) -> float | None:
+    if not record or not record.get(benchmarks):
         return None
-    accuracies = [m["accuracy"] for m in record["val"].values() if m.get("accuracy") is not None]
+    accuracies = [m["accuracy"] for m in record[benchmarks].values() if m.get("accuracy") is not None]
     return sum(accuracies) / len(accuracies) if accuracies else None
 
 
@@ -197,6 +214,8 @@ class SubprocessExecutor:
             train = {"command": command, "seconds": seconds, "exit_code": code, "status": status or "failed"}
             if code == 0 and status == "finished":
                 fields["val"] = read_val_metrics(run_dir, self.plan.val)
+                fields["seen"] = read_val_metrics(run_dir, self.plan.seen)
+                fields["curve"] = read_curve(run_dir)
             else:
                 train["status"] = "failed"
                 train["error"] = _tail(run_dir / "reproduce-train.log")
@@ -219,9 +238,10 @@ class SubprocessExecutor:
 
 
 def train_overrides(plan: Plan, run: RunSpec, run_dir: Path) -> list[str]:
-    """The `--set` values of a run: its settings, then the plan's data, the validation benchmarks
-    (the only ones a training ever evaluates), the seed and the run directory."""
-    fixed = {"data.train": plan.train, "eval.benchmarks": list(plan.val), "run.seed": run.seed, "run.dir": str(run_dir)}
+    """The `--set` values of a run: its settings, then the plan's data, the validation and seen
+    benchmarks (the only ones a training ever evaluates: never a test one), the seed and the run directory."""
+    fixed = {"data.train": plan.train, "eval.benchmarks": [*plan.val, *plan.seen], "run.seed": run.seed,
+             "run.dir": str(run_dir)}
     return set_arguments({**run.settings, **fixed})
 
 
@@ -240,7 +260,10 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def read_val_metrics(run_dir: Path, benchmarks: tuple[str, ...]) -> dict:
-    """The validation metrics of a finished run: eval.csv's rows at its last step, per benchmark."""
+    """The metrics of a finished run on `benchmarks` (validation or seen): eval.csv's rows at its last
+    step, per benchmark; {} for no benchmarks."""
+    if not benchmarks:
+        return {}
     step = json.loads((run_dir / "status.json").read_text())["step"]
     wanted = {benchmark_name(path) for path in benchmarks}
     metrics: dict[str, dict] = {}
@@ -253,6 +276,43 @@ def read_val_metrics(run_dir: Path, benchmarks: tuple[str, ...]) -> dict:
     if missing:
         raise ValueError(f"{run_dir / 'eval.csv'} has no evaluation of {sorted(missing)} at the last step {step}")
     return metrics
+
+
+def _finite(text: str | None) -> float | None:
+    """A CSV cell as a number; None when empty or not finite (results.json is strict JSON)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def thin(points: list, limit: int = CURVE_POINTS) -> list:
+    """At most `limit` of `points`, evenly spaced, the first and the last kept; all of them when they fit."""
+    if len(points) <= limit:
+        return list(points)
+    last = len(points) - 1
+    return [points[index] for index in sorted({round(k * last / (limit - 1)) for k in range(limit)})]
+
+
+def read_curve(run_dir: Path) -> dict:
+    """How a run's training went, for the convergence report: {"loss": [[step, loss], ...] from
+    metrics.csv (at most CURVE_POINTS, `thin`), "eval": {benchmark name: [[step, accuracy], ...]}
+    from eval.csv (every evaluation: one per benchmark at the end, more when run.eval_every is set)}.
+
+    A step logged twice (a resumed training repeats the steps after its checkpoint) keeps its last
+    row; a loss or accuracy that is not a finite number is stored as null.
+    """
+    loss: dict[int, float | None] = {}
+    for row in read_csv(run_dir / "metrics.csv"):
+        loss[int(row["step"])] = _finite(row.get("loss"))
+    accuracy: dict[str, dict[int, float | None]] = {}
+    for row in read_csv(run_dir / "eval.csv"):
+        if row.get("accuracy") not in ("", None):  # a benchmark without pair accuracy (IJB) has none
+            accuracy.setdefault(row["benchmark"], {})[int(row["step"])] = _finite(row["accuracy"])
+    return {"loss": thin([[step, value] for step, value in sorted(loss.items())]),
+            "eval": {name: [[step, value] for step, value in sorted(points.items())]
+                     for name, points in sorted(accuracy.items())}}
 
 
 # -- the experiments ----------------------------------------------------------------------
@@ -420,11 +480,12 @@ class Reproduction:
         if not ok:
             error = (record.get("test_eval") or {}).get("error") or (record.get("train") or {}).get("error") or ""
             return f"  FAILED {what} {task.run.id}: {error.strip().splitlines()[-1] if error.strip() else ''}"
-        score = val_score(record)
+        score, seen = val_score(record), seen_score(record)
         seconds = sum((record.get(step) or {}).get("seconds", 0.0)
                       for step, wanted in (("train", task.train), ("test_eval", task.test)) if wanted)
-        return f"  done {what} {task.run.id} in {seconds:.0f} s" + (f", val accuracy {100 * score:.2f} %"
-                                                                   if score is not None else "")
+        return (f"  done {what} {task.run.id} in {seconds:.0f} s"
+                + (f", val accuracy {100 * score:.2f} %" if score is not None else "")
+                + (f", seen (training identities) {100 * seen:.2f} %" if seen is not None else ""))
 
     def _store_rows(self, experiment: str) -> None:
         """Each row's candidates, validation scores, choice and final runs, for the report and the reader."""
