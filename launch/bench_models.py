@@ -1,6 +1,7 @@
 """`make bench-models`: every registered network on this CPU, exported to ONNX and checked.
 
-Per network (sf2dist.bench.models): parameters, PyTorch and onnxruntime forward time per image
+Per network (sf2dist.bench.models; names that build the same network for inference, such as
+vit_b and vit_b_dp005_mask_005, once): parameters, PyTorch and onnxruntime forward time per image
 (batch 8, all cores, median of 5 runs after a warm-up), the export's largest |difference| from
 PyTorch, the file's size (with its .onnx.data sidecar for weights over 1.5 GiB), and whether
 insightface's model zoo loads the file as its recognition model. The ViT-L and ViT-H take
@@ -12,12 +13,13 @@ minutes each and about 4x their weights in memory (vit_h: some 12 GB) while expo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from sf2dist.bench.models import SECTION, measure_network, to_markdown
+from sf2dist.bench.models import SECTION, eval_twins, measure_network, to_markdown
 from sf2dist.export import missing_onnx_packages
 from sf2dist.models import list_backbones
 from sf2dist.report import machine_description, write_section
@@ -52,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench-models-") as scratch:
-        for name in names:
+        for name, twins in eval_twins(names).items():
             row = measure_network(name, Path(scratch), batch_size=args.batch_size, repeats=args.repeats)
+            row = dataclasses.replace(row, twins=tuple(twins))
             rows.append(row)
             onnx = (f"export failed: {row.onnx_error}" if row.onnx_error else
                     f"ONNX {row.onnx_ms_per_image:.2f} ms/image, max diff {row.max_abs_error:.1e}, "

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sf2dist import export
-from sf2dist.bench.models import NetworkFigures, to_markdown
+from sf2dist.bench.models import NetworkFigures, eval_twins, to_markdown
 from sf2dist.export import (InsightFaceRoute, export_backbone, external_data_file, insightface_route,
                             missing_onnx_packages)
 from sf2dist.export import main as export_main
@@ -101,7 +101,8 @@ def test_the_bench_table_has_a_row_per_network():
     taken = InsightFaceRoute("ArcFaceONNX", True, "ArcFaceONNX for 112x112 faces", 127.5, 127.5)
     refused = InsightFaceRoute(None, False, "its input is 48x48")
     rows = [
-        NetworkFigures("r18", 112, 24_000_000, 96_000_000, 12.345, 10.5, 2.5e-5, 96_100_000, False, taken),
+        NetworkFigures("r18", 112, 24_000_000, 96_000_000, 12.345, 10.5, 2.5e-5, 96_100_000, False, taken,
+                       twins=("iresnet18",)),
         NetworkFigures("vit_h", 112, 750_000_000, 3_000_000_000, 900.0, 800.0, 3e-4, 3_001_000_000, True, taken),
         NetworkFigures("smallcnn", 48, 100_000, 400_000, 0.5, 0.4, 1e-6, 410_000, False, refused),
         NetworkFigures("broken", 112, 10, 40, 1.0, onnx_error="RuntimeError: no"),
@@ -109,8 +110,13 @@ def test_the_bench_table_has_a_row_per_network():
     text = to_markdown(rows, batch_size=8, repeats=5, machine="test machine", command="bench", seconds=12)
     lines = text.splitlines()
     assert lines[0].startswith("## Every network") and "Machine: test machine." in lines
-    assert "| r18 | 112 | 24.00M | 12.35 | 10.50 | 2.5e-05 | 96.1 MB | recognition model |" in lines
+    assert "| r18 (= iresnet18) | 112 | 24.00M | 12.35 | 10.50 | 2.5e-05 | 96.1 MB | recognition model |" in lines
     assert ("| vit_h | 112 | 750.00M | 900.00 | 800.00 | 3.0e-04 | 3,001.0 MB (with .onnx.data) | recognition model |"
             in lines)
     assert "| smallcnn | 48 | 0.10M | 0.50 | 0.40 | 1.0e-06 | 0.4 MB | no: its input is 48x48 |" in lines
     assert "| broken | 112 | 0.00M | 1.00 | export failed: RuntimeError: no | | | |" in lines
+
+
+def test_the_webface42m_variants_are_measured_once_with_their_base_network():
+    twins = eval_twins(["vit_t", "vit_t_dp005_mask0", "vit_b", "vit_b_dp005_mask_005", "r18", "iresnet18"])
+    assert twins == {"vit_t": ["vit_t_dp005_mask0"], "vit_b": ["vit_b_dp005_mask_005"], "r18": [], "iresnet18": []}

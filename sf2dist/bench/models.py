@@ -51,6 +51,24 @@ class NetworkFigures:
     external_data: bool = False
     insightface: InsightFaceRoute | None = None  # what insightface's model zoo makes of the file
     onnx_error: str | None = None
+    twins: tuple[str, ...] = ()  # names that build the same network for inference (`eval_twins`)
+
+
+def eval_twins(names: list[str]) -> dict[str, list[str]]:
+    """`names` grouped by identical eval-mode networks: the first of each group -> the others.
+
+    Two names build the same network for inference when their state_dicts have the same keys
+    and shapes (built on the meta device, no memory): arcface_torch's WebFace42M variants
+    (vit_b_dp005_mask_005 and vit_b, ...) differ only in drop path, token masking and activation
+    checkpointing, which act in training alone, so the benchmark measures each group once.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        with torch.device("meta"):
+            model = create_backbone(name, embedding_dim=EMBEDDING_DIM)
+        signature = (type(model).__name__, tuple((key, tuple(t.shape)) for key, t in model.state_dict().items()))
+        groups.setdefault(signature, []).append(name)
+    return {group[0]: group[1:] for group in groups.values()}
 
 
 def median_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -119,13 +137,16 @@ def to_markdown(rows: list[NetworkFigures], *, batch_size: int, repeats: int, ma
         "|difference| between onnxruntime on the exported file and PyTorch on batches of 2 and 3 (sf2dist-export's "
         "check). *file*: the .onnx, with its .onnx.data sidecar where the weights exceed 1.5 GiB. *insightface*: "
         "whether insightface's model zoo (`insightface.model_zoo.get_model(FILE)`) loads the file as its "
-        "recognition model fed (pixel - 127.5) / 127.5, by sf2dist.export.insightface_route.",
+        "recognition model fed (pixel - 127.5) / 127.5, by sf2dist.export.insightface_route. A name in "
+        "parentheses builds the same network for inference (a WebFace42M variant: drop path and token masking "
+        "act in training only) and is not measured again.",
         "",
         "| network | input | parameters | PyTorch ms/image | ONNX ms/image | max diff | file | insightface |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        head = (f"| {row.name} | {row.input_size} | {row.parameters / 1e6:,.2f}M | "
+        name = row.name + (f" (= {', '.join(row.twins)})" if row.twins else "")
+        head = (f"| {name} | {row.input_size} | {row.parameters / 1e6:,.2f}M | "
                 f"{row.torch_ms_per_image:,.2f} |")
         if row.onnx_error is not None:
             lines.append(f"{head} export failed: {row.onnx_error} | | | |")
