@@ -3,10 +3,11 @@
 - `plan`: profiles (configs/reproduce/<profile>.yaml), the three experiments as rows of
   config overrides, and run identities shared between rows and experiments;
 - `runner`: hyper-parameter selection on the validation identities, final runs with every
-  seed evaluated on the test identities, subprocess launching, the resumable results.json;
-- `report`: mean ± std over seeds, differences against the seed spread, tables, plots and
-  the sections of docs/results.md;
-- `paper`: the paper's claims and quoted figures, with their sources.
+  seed evaluated on the test identities, each training's seen-pair accuracy and curves,
+  subprocess launching, the resumable results.json;
+- `report`: mean ± std over seeds, paired per-seed differences with their 90 % interval,
+  how the final runs trained (convergence), tables, plots and the sections of docs/results.md;
+- `paper`: the paper's own figures (Tables 2, 5, 6) and claims, with their source.
 
 `launch/reproduce.py` is the command line.
 """
