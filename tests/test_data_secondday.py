@@ -50,10 +50,12 @@ def group_members(pgid: int) -> list[str]:
 
 
 def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
-    source = identity_folders(tmp_path / "faces", 6000)
+    # 112x112 faces: decoding them takes the two workers seconds (16x16 ones were done in 0.4 s,
+    # sometimes before the test's Ctrl-C arrived on a loaded machine)
+    source = identity_folders(tmp_path / "faces", 6000, size=112)
     out = tmp_path / "shards"
     proc = subprocess.Popen(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
          "--workers", "2", "--shard-size", "100"],
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -85,7 +87,7 @@ def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
     assert left == []
 
     rerun = subprocess.run(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
          "--workers", "2", "--shard-size", "1000", "--overwrite", "--quiet"],
         capture_output=True, text=True, timeout=60,
     )
