@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import pickle
 import tarfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sf2dist.data import openset, read_manifest, synth
 from sf2dist.data.openset import OpenSetSpec, generate, image_codes, identity_images, lfw_pairs, template_set
 from sf2dist.data.shards import AlreadyConverted, load_index
 from sf2dist.eval import ijb_metrics, load_bin, load_ijb
+from sf2dist.eval.bin_io import read_bin
 
 TINY = OpenSetSpec(train_identities=8, train_images=4, val_identities=6, test_identities=6, pair_images=4, pairs=12,
                    folds=2, templates_per_subject=2, images_per_template=2, size=32, jitter=0.35, seed=1,
@@ -70,8 +70,8 @@ def test_seen_pairs_show_the_training_identities_own_shard_images(tiny):
     for shard in sorted((tiny / "train").glob("*.tar")):
         with tarfile.open(shard) as tar:
             shard_jpegs.update({m.name[:-4]: tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")})
-    with open(tiny / "seen.bin", "rb") as f:
-        jpegs, issame = pickle.load(f)
+    seen = read_bin(tiny / "seen.bin")  # the project's safe reader, as every .bin is read
+    jpegs, issame = [seen.sources[k] for k in seen.image_index], seen.issame.tolist()
     expected = [shard_jpegs[f"{identity:08d}_{image:04d}"] for _, a, i, b, j in pairs for identity, image in
                 ((a, i), (b, j))]
     assert jpegs == expected and issame == [same for same, *_ in pairs]  # the very bytes, in pair order
