@@ -50,12 +50,12 @@ def group_members(pgid: int) -> list[str]:
 
 
 def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
-    # 112x112 faces: decoding them takes the two workers seconds (16x16 ones were done in 0.4 s,
-    # sometimes before the test's Ctrl-C arrived on a loaded machine)
-    source = identity_folders(tmp_path / "faces", 6000, size=112)
+    # 30,000 images: the two workers convert ~12,000 a second, so 6,000 were sometimes all done
+    # before the test's Ctrl-C arrived; this leaves it seconds to land mid-conversion
+    source = identity_folders(tmp_path / "faces", 30_000)
     out = tmp_path / "shards"
     proc = subprocess.Popen(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
          "--workers", "2", "--shard-size", "100"],
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -87,12 +87,12 @@ def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
     assert left == []
 
     rerun = subprocess.run(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
          "--workers", "2", "--shard-size", "1000", "--overwrite", "--quiet"],
         capture_output=True, text=True, timeout=60,
     )
     assert rerun.returncode == 0, rerun.stderr
-    assert read_manifest(out).num_samples == 6000
+    assert read_manifest(out).num_samples == 30_000
 
 
 @pytest.mark.parametrize("inside", ["shards", "."])
