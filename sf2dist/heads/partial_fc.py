@@ -301,10 +301,10 @@ class _FusedShardedMarginCrossEntropy(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-
 def _in_loss(index: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     """The drawn classes that are in the loss (those without the lowest offset); reads the device."""
     return index if offset is None else index[offset == 0]
+
 
 class PartialFCHead(ShardedHead):
     """Identity-sharded margin softmax (CosFace, ArcFace or SphereFace) with Partial FC class sampling.
