@@ -199,6 +199,12 @@ def test_the_convergence_table_from_known_curves(tmp_path):
     results["rows"]["losses/cosface"]["final_runs"] = []
     assert "| cosface | 0 | – | – | – | – | – | – |" in report.convergence_table(
         report.convergence(results, experiment), experiment)
+    # the noise experiment's rows share a loss's label: the table names each row's noise ratio
+    from sf2dist.reproduce.plan import Experiment, Row
+    noisy = Experiment("noise", "Label noise", (Row("sphereface2-C@0.2", "sphereface2-C", group="0.2"),))
+    results["rows"]["noise/sphereface2-C@0.2"] = results["rows"]["losses/sphereface2-C"]
+    assert "| sphereface2-C, 20 % noise | 2 | 1.5 | 1 | 0.55 |" in report.convergence_table(
+        report.convergence(results, noisy), noisy)
     section = report.convergence_section(results, experiment, plot_link="c.png")
     assert "`d/seen.bin`" in section and "![Loss comparison: training curves](c.png)" in section
     assert "converged" not in section.lower()  # the numbers speak; the reader interprets
@@ -216,6 +222,15 @@ def test_results_json_and_tables_carry_mean_and_std_over_seeds(plan, tmp_path):
         assert record["config"]["run"]["seed"] == record["seed"]
     invocation = results["experiments"]["losses"]["invocations"][-1]
     assert invocation["trained"] == 6 and invocation["tested"] == 4  # 4 selection runs + 2 more seeds; 4 final
+    # a re-run finds every run done: the page still gives the wall time of the invocation that trained
+    invocation["wall_seconds"] = 600.0
+    repro.store.set("experiments", "losses", results["experiments"]["losses"])
+    repro.run("losses")
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [i["trained"] for i in again["experiments"]["losses"]["invocations"]] == [6, 0]
+    text = report.section(again, repro.experiments["losses"], plot_link="x.png", command="c", machine="m")
+    assert ("Wall time of the last invocation that ran anything: 10.0 min (6 runs trained, 4 evaluated on test, "
+            "0 failed, ") in text and "; 1 later invocation(s) found nothing left to run)" in text
 
     summaries = {s.key: s for s in report.summarize(results, repro.experiments["losses"])}
     sf2, cosface = summaries["losses/sphereface2-C"], summaries["losses/cosface"]
@@ -318,7 +333,19 @@ def test_ablation_rows_build_on_each_other_and_noise_reuses_the_loss_runs(plan, 
         assert rows[f"noise/{loss}@0"]["final_runs"] == rows[f"losses/{loss}"]["final_runs"]
     table = report.noise_table(report.summarize(repro.store.data, repro.experiments["noise"]),
                                repro.experiments["noise"])
-    assert "| 0 % | 82.00 ± 2.83 | 70.50 ± 0.71 | -11.50 [-20.97, -2.03] | sphereface2-C highest | yes |" in table
+    assert "| 0 % | 82.00 ± 2.83 | 70.50 ± 0.71 | -11.50 [-20.97, -2.03] | sphereface2-C highest | yes | – | – |" \
+        in table
+    # the paper's claim is the slope: CosFace's gap to SphereFace2 at 50 % noise against the same seed's gap
+    # without noise (-10 and -13 points): -15 and -19 points at 50 %, a change of -5 and -6 points, mean -5.50,
+    # 90 % interval -5.50 ± t(0.95, 1) 6.314 * 0.707 / sqrt(2) = [-8.66, -2.34]: SphereFace2 degrades more slowly
+    for run_id in rows["noise/cosface@0.5"]["final_runs"]:
+        record = repro.store.run(run_id)
+        record["test"]["test"]["accuracy"] = {0: 0.65, 1: 0.65}[record["seed"]]
+    table = report.noise_table(report.summarize(repro.store.data, repro.experiments["noise"]),
+                               repro.experiments["noise"])
+    assert "change of that Δ since 0 % noise [90 % CI] | sphereface2-C degrades more slowly (the paper) |" in table
+    assert "| 50 % | 82.00 ± 2.83 | 65.00 ± 0.00 | -17.00 [-29.63, -4.37] | sphereface2-C highest | yes | " \
+           "-5.50 [-8.66, -2.34] | yes |" in table
 
 
 def test_plots_and_docs_sections(plan, tmp_path):

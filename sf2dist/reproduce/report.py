@@ -298,20 +298,38 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     compared = [row for row in next(iter(groups.values())) if row.reference is not None]
     reference_label = next((row.label for row in next(iter(groups.values())) if row.reference is None), None)
     header = ["label noise", *[f"{loss} accuracy %" for loss in losses],
-              *[f"paired Δ {row.label} − {reference_label} [90 % CI]" for row in compared], "paper", "agrees"]
+              *[f"paired Δ {row.label} − {reference_label} [90 % CI]" for row in compared], "paper", "agrees",
+              *[f"change of that Δ since 0 % noise [90 % CI]" if len(compared) == 1 else
+                f"change of Δ {row.label} since 0 % noise [90 % CI]" for row in compared],
+              f"{reference_label} degrades more slowly (the paper)"]
+
+    def gap(row: Row) -> dict[int, float]:  # the row's per-seed difference from its reference
+        diff = paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
+        return dict(zip(diff.seeds, diff.differences))
+
+    clean = {row.label: row for group, rows in groups.items() if float(group) == 0.0 for row in rows}
     lines = []
     for group, rows in groups.items():
         cells = [f"{100 * float(group):.0f} %", *[percent(by_name[row.name].accuracy) for row in rows]]
-        verdicts = []
+        verdicts, changes, slower = [], [], []
         for row in rows:
             if row.reference is None:
                 continue
             diff = paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
             cells.append(paired_text(diff))
             verdicts.append(paired_agreement(diff, paper.direction("noise", row.name)))
+            # the paper's claim is about the slope: the gap at this ratio against the same seeds' gap without
+            # noise; a slower degradation of the reference makes the other loss's Δ more negative
+            base = clean.get(row.label)
+            if base is None or float(group) == 0.0:
+                changes.append("–")
+                continue
+            change = paired(gap(row), gap(base))
+            changes.append(paired_text(change))
+            slower.append(paired_agreement(change, paper.direction("noise", row.name)))
         expected = [paper.direction("noise", row.name) for row in rows if row.reference is not None]
         claim = f"{reference_label} highest" if expected and all(e == -1 for e in expected) else "–"
-        lines.append([*cells, claim, "; ".join(verdicts) or "–"])
+        lines.append([*cells, claim, "; ".join(verdicts) or "–", *changes, "; ".join(slower) or "–"])
     return _table(header, lines)
 
 
@@ -434,8 +452,9 @@ def convergence(results: dict, experiment: Experiment) -> list[Convergence]:
             if values[0.75]:
                 last_quarter.append((values[1.0] - values[0.75]) / abs(values[0.75]))
         evaluations = (first.get("curve") or {}).get("eval", {})
+        label = row.label if row.group is None else f"{row.label}, {100 * float(row.group):g} % noise"
         rows.append(Convergence(
-            key=key, label=row.label, seeds=tuple(seeds), loss={f: Stat(tuple(v)) for f, v in loss.items()},
+            key=key, label=label, seeds=tuple(seeds), loss={f: Stat(tuple(v)) for f, v in loss.items()},
             last_quarter=Stat(tuple(last_quarter)), seen=Stat(tuple(seen)), val=Stat(tuple(val)),
             loss_curve=tuple(_logged((first.get("curve") or {}).get("loss", []))),
             val_curves={name: tuple(_logged(points)) for name, points in evaluations.items()
@@ -550,10 +569,16 @@ def section(results: dict, experiment: Experiment, *, plot_link: str, command: s
         f"Command: `{command}`. Machine: {machine}.",
     ]
     if invocations:
-        last = invocations[-1]
-        lines.append(f"Wall time of the last invocation: {_minutes(last['wall_seconds'])} ({last['trained']} runs "
-                     f"trained, {last['tested']} evaluated on test, {len(last['failed'])} failed, {last['jobs']} at a "
-                     f"time); the final runs took {_minutes(compute)} of run time together.")
+        # the last invocation that trained or evaluated something: a re-run that found every run done
+        # (to re-render the page) must not pass for the experiment's wall time
+        working = [record for record in invocations if record["trained"] or record["tested"]]
+        last = (working or invocations)[-1]
+        later = len(invocations) - 1 - invocations.index(last)
+        lines.append(f"Wall time of the last invocation that ran anything: {_minutes(last['wall_seconds'])} "
+                     f"({last['trained']} runs trained, {last['tested']} evaluated on test, {len(last['failed'])} "
+                     f"failed, {last['jobs']} at a time"
+                     + (f"; {later} later invocation(s) found nothing left to run" if later else "")
+                     + f"); the final runs took {_minutes(compute)} of run time together.")
     lines += [
         "",
         f"Test identities only: accuracy is the {fold_label(summaries)} accuracy on `{test[0]}`, TAR@FAR from "
