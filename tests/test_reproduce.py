@@ -286,6 +286,7 @@ def test_the_paper_column_comes_from_the_projects_record_of_the_paper():
     assert paper.direction("losses", "softmax", "sphereface2-C") == -1
     assert paper.direction("ablation", "mining", "balance-tuned") == 1
     assert paper.direction("ablation", "balance-tuned", "naive") == 1  # text: the naive loss fails to converge
+    assert paper.direction("ablation", "balance", "naive") == 1  # ... where λ = (K−1)/K trains (74.49 %)
     assert paper.direction("losses", "sphereface2-A", "sphereface2-C") is None  # one SphereFace2 row in the paper
     assert paper.direction("noise", "cosface@0.5", "sphereface2-C@0.5") == -1
 
@@ -322,6 +323,10 @@ def test_ablation_rows_build_on_each_other_and_noise_reuses_the_loss_runs(plan, 
     assert rows["ablation/naive"]["setting"] == {"head.type": "sphereface2", "head.margin": "C", "head.alpha": 0.5,
                                                  "head.r": 1.0, "head.m": 0.0, "head.t": 1.0}
     assert rows["ablation/balance"]["setting"]["head.alpha"] == pytest.approx(7 / 8)  # (K - 1) / K, K = 8
+    # each row against the one above it in the paper's Table 2: tuned λ against λ = (K−1)/K (its 74.49 -> 78.03)
+    references = {row.name: row.reference for row in repro.experiments["ablation"].rows}
+    assert references == {"naive": None, "balance": "naive", "balance-tuned": "balance", "mining": "balance-tuned",
+                          "margin": "mining", "adjustment": "margin"}
     assert rows["ablation/adjustment"]["setting"] == {"head.type": "sphereface2", "head.margin": "C",
                                                       "head.alpha": 0.7, "head.r": 30, "head.m": 0.1, "head.t": 3}
     fake.calls.clear()

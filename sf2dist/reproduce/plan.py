@@ -271,8 +271,9 @@ def build_experiments(plan: Plan, num_classes: int) -> dict[str, Experiment]:
         Row("naive", "naive binary loss (λ 0.5, r 1, m 0, t 1)", naive),
         Row("balance", f"+ positive/negative balance (λ = (K−1)/K = {balanced:.4f})", {"head.alpha": balanced},
             builds_on="ablation/naive", reference="naive"),
+        # compared with the λ = (K−1)/K row, as the paper's Table 2 (74.49 -> 78.03 %)
         Row("balance-tuned", "+ positive/negative balance (λ tuned)", grid=plan.ablation["balance-tuned"],
-            builds_on="ablation/naive", reference="naive"),
+            builds_on="ablation/naive", reference="balance"),
         Row("mining", "+ easy/hard mining (r)", grid=plan.ablation["mining"], builds_on="ablation/balance-tuned",
             reference="balance-tuned"),
         Row("margin", "+ angular margin (m)", grid=plan.ablation["margin"], builds_on="ablation/mining",
