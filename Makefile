@@ -110,8 +110,8 @@ gpu-check: install
 	$(PY) launch/gpu_check.py --out-dir runs/gpu-check --docs docs/benchmarks.md
 
 # The paper's loss comparison, ablation and label-noise experiments on held-out synthetic
-# identities (launch/reproduce.py, CPU profile: 2,000 steps per run, 5 seeds, about 2 hours
-# projected on 2 cores); writes runs/reproduce/ and docs/results.md. Re-running resumes: finished
+# identities (launch/reproduce.py, CPU profile: 2,000 steps per run, 5 seeds, 92.5 minutes
+# measured on 2 cores); writes runs/reproduce/ and docs/results.md. Re-running resumes: finished
 # runs are skipped. REPRODUCE_ARGS="--profile quick --out runs/reproduce-quick" is the 45-minute look.
 REPRODUCE_ARGS ?=
 reproduce: install
