@@ -40,7 +40,7 @@ from matplotlib.lines import Line2D
 
 from sf2dist.eval.metrics import pair_metrics
 from sf2dist.reproduce import paper
-from sf2dist.reproduce.plan import LOSSES, Experiment, Plan
+from sf2dist.reproduce.plan import LOSSES, Experiment, Plan, Row
 from sf2dist.reproduce.runner import seen_score, val_score
 
 FARS = ("1e-03", "1e-04", "1e-05")
@@ -299,7 +299,7 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
     reference_label = next((row.label for row in next(iter(groups.values())) if row.reference is None), None)
     header = ["label noise", *[f"{loss} accuracy %" for loss in losses],
               *[f"paired Δ {row.label} − {reference_label} [90 % CI]" for row in compared], "paper", "agrees",
-              *[f"change of that Δ since 0 % noise [90 % CI]" if len(compared) == 1 else
+              *["change of that Δ since 0 % noise [90 % CI]" if len(compared) == 1 else
                 f"change of Δ {row.label} since 0 % noise [90 % CI]" for row in compared],
               f"{reference_label} degrades more slowly (the paper)"]
 
