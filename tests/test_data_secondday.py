@@ -5,8 +5,6 @@ before anything is written; training pointed at raw identity folders is told to 
 """
 from __future__ import annotations
 
-import gc
-import io
 import os
 import signal
 import subprocess
@@ -15,10 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from sf2dist.data.shards import ShardFormatError, read_manifest
-from sf2dist.imageio import decode_image
 from tests.data_helpers import face_jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +23,13 @@ if not os.path.exists(CONVERT):  # an installed environment other than the proje
     CONVERT = str(Path(sys.executable).parent / "sf2dist-convert")
 
 
-def identity_folders(root: Path, images: int, per_identity: int = 20, size: int = 16, png: bool = False) -> Path:
-    """`images` copies of one tiny JPEG (or PNG) in ROOT/IDENTITY/IMAGE folders: decoding is the work,
-    and a PNG is re-encoded as a JPEG too."""
-    data = face_jpeg(0, size)
-    if png:
-        buffer = io.BytesIO()
-        Image.fromarray(decode_image(data)).save(buffer, format="PNG")
-        data = buffer.getvalue()
+def identity_folders(root: Path, images: int, per_identity: int = 20, size: int = 16) -> Path:
+    """`images` copies of one tiny JPEG in ROOT/IDENTITY/IMAGE folders: decoding is the work."""
+    jpeg = face_jpeg(0, size)
     for n in range(images):
         folder = root / f"id{n // per_identity:05d}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{n:06d}.{'png' if png else 'jpg'}").write_bytes(data)
+        (folder / f"{n:06d}.jpg").write_bytes(jpeg)
     return root
 
 
@@ -59,18 +50,19 @@ def group_members(pgid: int) -> list[str]:
 
 
 def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
-    # The Ctrl-C must land mid-conversion. 16x16 JPEGs went at 12,000-32,000 a second, and late in a
-    # full test run the conversion sometimes ended between the first shard and the signal (the
-    # test's own process held up for a second); 112x112 PNGs, decoded and re-encoded as JPEG,
-    # go at ~5,000 a second here, so 30,000 leave several seconds; no garbage collection meanwhile.
-    source = identity_folders(tmp_path / "faces", 30_000, size=112, png=True)
+    # 30,000 images: the two workers convert ~12,000 a second, so 6,000 were sometimes all done
+    # before the test's Ctrl-C arrived; this leaves it seconds to land mid-conversion
+    source = identity_folders(tmp_path / "faces", 30_000)
     out = tmp_path / "shards"
+    # SIGINT back to its default in the converter, as a terminal's foreground job has it: a shell
+    # without job control starts its background commands (`make test &`, a CI runner's) with
+    # SIGINT ignored, every child inherits that, and the converter then rightly ignored the Ctrl-C
     proc = subprocess.Popen(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
          "--workers", "2", "--shard-size", "100"],
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    gc.disable()
     try:
         deadline = time.monotonic() + 30
         while not list(out.glob("shard-*.tar")):  # converting, with the workers busy
@@ -82,7 +74,6 @@ def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
         stdout, stderr = proc.communicate(timeout=10)
         took = time.monotonic() - interrupted
     finally:
-        gc.enable()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
@@ -100,7 +91,7 @@ def test_ctrl_c_ends_a_conversion_at_once_and_leaves_no_worker(tmp_path):
     assert left == []
 
     rerun = subprocess.run(
-        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "112",
+        [CONVERT, "folder", "--root", str(source), "--out", str(out), "--image-size", "16",
          "--workers", "2", "--shard-size", "1000", "--overwrite", "--quiet"],
         capture_output=True, text=True, timeout=60,
     )
