@@ -164,6 +164,10 @@ class Paired:
     differences: tuple[float, ...]
 
     @property
+    def by_seed(self) -> dict[int, float]:
+        return dict(zip(self.seeds, self.differences))
+
+    @property
     def mean(self) -> float | None:
         return statistics.fmean(self.differences) if self.differences else None
 
@@ -303,9 +307,8 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
                 f"change of Δ {row.label} since 0 % noise [90 % CI]" for row in compared],
               f"{reference_label} degrades more slowly (the paper)"]
 
-    def gap(row: Row) -> dict[int, float]:  # the row's per-seed difference from its reference
-        diff = paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
-        return dict(zip(diff.seeds, diff.differences))
+    def gap(row: Row) -> Paired:  # the row's per-seed differences from its reference
+        return paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
 
     clean = {row.label: row for group, rows in groups.items() if float(group) == 0.0 for row in rows}
     lines = []
@@ -315,7 +318,7 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
         for row in rows:
             if row.reference is None:
                 continue
-            diff = paired(by_name[row.name].accuracy_by_seed, by_name[row.reference].accuracy_by_seed)
+            diff = gap(row)
             cells.append(paired_text(diff))
             verdicts.append(paired_agreement(diff, paper.direction("noise", row.name)))
             # the paper's claim is about the slope: the gap at this ratio against the same seeds' gap without
@@ -324,7 +327,7 @@ def noise_table(summaries: list[RowSummary], experiment: Experiment) -> str:
             if base is None or float(group) == 0.0:
                 changes.append("–")
                 continue
-            change = paired(gap(row), gap(base))
+            change = paired(diff.by_seed, gap(base).by_seed)
             changes.append(paired_text(change))
             slower.append(paired_agreement(change, paper.direction("noise", row.name)))
         expected = [paper.direction("noise", row.name) for row in rows if row.reference is not None]
